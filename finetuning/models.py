@@ -1,0 +1,115 @@
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Dataset(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class TrainingExample(models.Model):
+    class Split(models.TextChoices):
+        TRAIN = "train", "Train"
+        VALIDATION = "validation", "Validation"
+        UNASSIGNED = "unassigned", "Unassigned"
+
+    class Source(models.TextChoices):
+        MANUAL = "manual", "Manual"
+        IMPORT = "import", "Import"
+        FEEDBACK = "feedback", "Feedback"
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="examples")
+    attributes = models.JSONField(
+        help_text="Product attributes: name, category, color, price, brand, audience, features, …"
+    )
+    description = models.TextField(help_text="The target product description.")
+    # Copied from attributes so that curators can filter and search by it.
+    name = models.CharField(max_length=500, blank=True, db_index=True)
+    category = models.CharField(max_length=500, blank=True, db_index=True)
+    split = models.CharField(max_length=16, choices=Split.choices, default=Split.UNASSIGNED, db_index=True)
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.MANUAL, db_index=True)
+    content_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["dataset", "content_hash"], name="example_unique_content_per_dataset"),
+        ]
+
+    def __str__(self):
+        return self.name or f"example {self.pk}"
+
+
+class FineTuningJob(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    base_model = models.CharField(max_length=200)
+    hyperparameters = models.JSONField(default=dict)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    progress = models.FloatField(default=0.0, help_text="Share of training steps done, 0 to 1.")
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"job {self.pk} on {self.dataset}"
+
+
+class ModelVersion(models.Model):
+    class Kind(models.TextChoices):
+        BASE = "base", "Base model"
+        LORA = "lora", "LoRA adapter"
+        FULL = "full", "Full fine-tune"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    base_model = models.CharField(max_length=200, help_text="Name of the base model it was made from.")
+    artifact_path = models.CharField(max_length=500, help_text="Directory under MODEL_STORE.")
+    sha256 = models.CharField(max_length=64, help_text="sha256 of the artifact's file manifest.")
+    prompt_format_version = models.PositiveIntegerField()
+    hyperparameters = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    job = models.OneToOneField(
+        FineTuningJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    )
+    is_active = models.BooleanField(default=False, editable=False)
+    activated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_active"], condition=Q(is_active=True), name="modelversion_at_most_one_active"
+            ),
+        ]
+
+    def __str__(self):
+        return self.name

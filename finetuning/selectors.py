@@ -1,0 +1,35 @@
+from django.db.models import Count, Q
+
+from finetuning.models import Dataset, ModelVersion, TrainingExample
+
+
+def active_version_get():
+    return ModelVersion.objects.filter(is_active=True).first()
+
+
+def version_get(*, reference):
+    """A version by name, or by id when ``reference`` is all digits; None if absent."""
+    reference = str(reference).strip()
+    if reference.isdigit():
+        found = ModelVersion.objects.filter(pk=int(reference)).first()
+        if found:
+            return found
+    return ModelVersion.objects.filter(name=reference).first()
+
+
+def version_list():
+    return ModelVersion.objects.order_by("-is_active", "-created_at")
+
+
+def datasets_with_counts():
+    split = TrainingExample.Split
+    return Dataset.objects.annotate(
+        example_count=Count("examples"),
+        train_count=Count("examples", filter=Q(examples__split=split.TRAIN)),
+        validation_count=Count("examples", filter=Q(examples__split=split.VALIDATION)),
+        unassigned_count=Count("examples", filter=Q(examples__split=split.UNASSIGNED)),
+    )
+
+
+def trainable_examples(*, dataset):
+    return dataset.examples.order_by("content_hash").values("id", "attributes", "description", "split", "content_hash")
