@@ -1,0 +1,86 @@
+import hashlib
+import json
+
+from django.db import IntegrityError, transaction
+
+from finetuning.attributes import AttributeValueError, attributes_normalize, description_normalize
+from finetuning.models import TrainingExample
+
+MAX_DESCRIPTION_CHARS = 5000
+
+
+class ExampleError(ValueError):
+    """An example that cannot be stored; ``field`` names the culprit."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def content_hash(attributes, description):
+    canonical = json.dumps({"attributes": attributes, "description": description}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def example_clean(*, attributes, description, split=TrainingExample.Split.UNASSIGNED):
+    """Validate and normalise one example's fields; raise ExampleError naming the field."""
+    try:
+        attributes = attributes_normalize(attributes)
+    except AttributeValueError as exc:
+        raise ExampleError(f"attributes.{exc.key}", exc.message) from exc
+    if not attributes.get("name"):
+        raise ExampleError("attributes.name", "every example needs a product name")
+    description = description_normalize(description)
+    if not description:
+        raise ExampleError("description", "is empty")
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise ExampleError("description", f"is longer than {MAX_DESCRIPTION_CHARS} characters")
+    split = (split or TrainingExample.Split.UNASSIGNED).strip().lower()
+    if split not in TrainingExample.Split.values:
+        raise ExampleError("split", f"{split!r} is not one of {', '.join(TrainingExample.Split.values)}")
+    return {
+        "attributes": attributes,
+        "description": description,
+        "split": split,
+        "name": attributes["name"][:500],
+        "category": str(attributes.get("category", ""))[:500],
+        "content_hash": content_hash(attributes, description),
+    }
+
+
+def example_duplicate_get(*, dataset, content_hash_, exclude_pk=None):
+    return TrainingExample.objects.filter(dataset=dataset, content_hash=content_hash_).exclude(pk=exclude_pk).first()
+
+
+def example_save(*, example, dataset, attributes, description, split, source=None):
+    """Create (``example.pk`` is None) or update one example after cleaning it.
+    Raises ExampleError naming the field, also for a duplicate in the dataset."""
+    fields = example_clean(attributes=attributes, description=description, split=split)
+    duplicate = example_duplicate_get(dataset=dataset, content_hash_=fields["content_hash"], exclude_pk=example.pk)
+    if duplicate:
+        raise ExampleError("description", f"the same example is already in {dataset.name} (example {duplicate.pk})")
+    example.dataset = dataset
+    if source:
+        example.source = source
+    for key, value in fields.items():
+        setattr(example, key, value)
+    try:
+        with transaction.atomic():
+            example.save()
+    except IntegrityError as exc:  # a concurrent insert of the same example
+        raise ExampleError("description", f"the same example is already in {dataset.name}") from exc
+    return example
+
+
+def example_create(
+    *, dataset, attributes, description, split=TrainingExample.Split.UNASSIGNED, source=TrainingExample.Source.MANUAL
+):
+    return example_save(
+        example=TrainingExample(),
+        dataset=dataset,
+        attributes=attributes,
+        description=description,
+        split=split,
+        source=source,
+    )
