@@ -1,0 +1,98 @@
+"""Fine-tuning hyperparameters: defaults, bounds, and validation that names the field."""
+
+from dataclasses import asdict, dataclass, field, fields
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class HyperparameterError(ValueError):
+    def __init__(self, errors):
+        super().__init__("; ".join(f"{key}: {message}" for key, message in errors.items()))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    method: str = "lora"
+    epochs: int = 2
+    max_steps: int = 0  # 0: run the epochs to the end
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_seq_length: int = 256
+    seed: int = 42
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple = field(default=LORA_TARGETS)
+
+    def as_dict(self):
+        data = asdict(self)
+        data["lora_target_modules"] = list(self.lora_target_modules)
+        return data
+
+
+# name: (type, low, high) — inclusive bounds
+_BOUNDS = {
+    "epochs": (int, 1, 50),
+    "max_steps": (int, 0, 1_000_000),
+    "learning_rate": (float, 1e-7, 1e-2),
+    "batch_size": (int, 1, 256),
+    "gradient_accumulation_steps": (int, 1, 256),
+    "warmup_ratio": (float, 0.0, 0.5),
+    "weight_decay": (float, 0.0, 1.0),
+    "max_seq_length": (int, 32, 4096),
+    "seed": (int, 0, 2**32 - 1),
+    "lora_r": (int, 1, 512),
+    "lora_alpha": (int, 1, 4096),
+    "lora_dropout": (float, 0.0, 0.9),
+}
+METHODS = ("lora", "full")
+
+
+def hyperparameters_parse(raw=None):
+    """Merge ``raw`` over the defaults and check every value; raise
+    HyperparameterError with one message per bad field."""
+    raw = dict(raw or {})
+    known = {f.name for f in fields(Hyperparameters)}
+    errors = {key: "unknown hyperparameter" for key in raw if key not in known}
+    values = {}
+    for key, value in raw.items():
+        if key in errors or value is None or value == "":
+            continue
+        if key == "method":
+            if value not in METHODS:
+                errors[key] = f"must be one of {', '.join(METHODS)}"
+            else:
+                values[key] = value
+        elif key == "lora_target_modules":
+            modules = value.split(",") if isinstance(value, str) else value
+            if (
+                not isinstance(modules, (list, tuple))
+                or not modules
+                or not all(isinstance(m, str) and m.strip() for m in modules)
+            ):
+                errors[key] = "must be a non-empty list of module names"
+            else:
+                values[key] = tuple(m.strip() for m in modules)
+        else:
+            kind, low, high = _BOUNDS[key]
+            if isinstance(value, bool):
+                errors[key] = f"must be a number between {low} and {high}"
+                continue
+            try:
+                number = kind(value)
+                if kind is int and float(value) != number:
+                    raise ValueError
+            except (TypeError, ValueError):
+                errors[key] = f"must be {'a whole number' if kind is int else 'a number'} between {low} and {high}"
+                continue
+            if not low <= number <= high:
+                errors[key] = f"must be between {low} and {high}"
+            else:
+                values[key] = number
+    if errors:
+        raise HyperparameterError(errors)
+    return Hyperparameters(**values)

@@ -1,0 +1,71 @@
+from django.db import transaction
+from django.utils import timezone
+
+from finetuning import store
+from finetuning.models import ModelVersion
+from finetuning.prompts import PROMPT_FORMAT_VERSION
+
+
+class VersionError(Exception):
+    pass
+
+
+def base_version_name(base_model):
+    return f"base-{store.slug(base_model)}"
+
+
+@transaction.atomic
+def base_version_register(*, base_model, relpath, sha256):
+    """Register the prepared base model as a version; it becomes the active
+    one when nothing else is, so generation works before any training.
+    Returns ``(version, created)``."""
+    version, created = ModelVersion.objects.get_or_create(
+        name=base_version_name(base_model),
+        defaults={
+            "kind": ModelVersion.Kind.BASE,
+            "base_model": base_model,
+            "artifact_path": relpath,
+            "sha256": sha256,
+            "prompt_format_version": PROMPT_FORMAT_VERSION,
+        },
+    )
+    if not ModelVersion.objects.filter(is_active=True).exists():
+        version_activate(version=version)
+        version.refresh_from_db()
+    return version, created
+
+
+@transaction.atomic
+def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters, metrics, job=None):
+    if ModelVersion.objects.filter(name=name).exists():
+        raise VersionError(f"a model version named {name!r} already exists")
+    return ModelVersion.objects.create(
+        name=name,
+        kind=kind,
+        base_model=base_model,
+        artifact_path=relpath,
+        sha256=sha256,
+        prompt_format_version=PROMPT_FORMAT_VERSION,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        job=job,
+    )
+
+
+@transaction.atomic
+def version_activate(*, version):
+    """Make ``version`` the one the API serves. Refuses an artifact that is
+    missing or damaged, so a bad activation never takes the service down."""
+    directory = store.absolute(version.artifact_path)
+    try:
+        sha = store.manifest_read(directory)["sha256"]
+    except store.ArtifactError as exc:
+        raise VersionError(f"cannot activate {version.name}: {exc}") from exc
+    if sha != version.sha256:
+        raise VersionError(f"cannot activate {version.name}: its artifact's sha256 does not match the registry")
+    # Lock every row that could be active so two activations run one after the other.
+    list(ModelVersion.objects.select_for_update().filter(is_active=True))
+    ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
+    ModelVersion.objects.filter(pk=version.pk).update(is_active=True, activated_at=timezone.now())
+    version.refresh_from_db()
+    return version
