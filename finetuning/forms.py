@@ -1,0 +1,95 @@
+"""Admin forms: curators edit attributes as fields, not as raw JSON."""
+
+import json
+
+from django import forms
+
+from finetuning.attributes import KNOWN_KEYS, LIST_KEYS
+from finetuning.hyperparameters import METHODS, Hyperparameters
+from finetuning.models import TrainingExample
+from finetuning.services.examples import ExampleError, example_clean, example_duplicate_get
+
+ATTRIBUTE_FIELDS = ("name", "category", "color", "brand", "audience", "price", "currency", "features", "keywords")
+
+
+class TrainingExampleForm(forms.ModelForm):
+    name = forms.CharField(max_length=500)
+    category = forms.CharField(max_length=500, required=False)
+    color = forms.CharField(max_length=500, required=False)
+    brand = forms.CharField(max_length=500, required=False)
+    audience = forms.CharField(max_length=500, required=False, help_text="Who it is for: Women, Kids, Home cooks, …")
+    price = forms.CharField(max_length=50, required=False)
+    currency = forms.CharField(max_length=10, required=False)
+    features = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False, help_text="One per line.")
+    keywords = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, help_text="One per line.")
+    other_attributes = forms.JSONField(
+        required=False,
+        initial=dict,
+        help_text='Any other attributes as a JSON object, e.g. {"material": "oak", "size": "L"}.',
+    )
+
+    class Meta:
+        model = TrainingExample
+        fields = ("dataset", "description", "split", "source")
+        widgets = {"description": forms.Textarea(attrs={"rows": 6, "cols": 90})}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attributes = dict(self.instance.attributes or {})
+        for key in ATTRIBUTE_FIELDS:
+            value = attributes.pop(key, "")
+            self.initial[key] = "\n".join(value) if isinstance(value, list) else value
+        self.initial["other_attributes"] = attributes
+
+    def attributes(self):
+        data = self.cleaned_data
+        attributes = dict(data.get("other_attributes") or {})
+        for key in ATTRIBUTE_FIELDS:
+            value = data.get(key)
+            if value not in (None, ""):
+                attributes[key] = value.splitlines() if key in LIST_KEYS else value
+        return attributes
+
+    def clean_other_attributes(self):
+        value = self.cleaned_data.get("other_attributes") or {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError("must be a JSON object")
+        clash = sorted(set(value) & set(KNOWN_KEYS))
+        if clash:
+            raise forms.ValidationError(f"use the fields above for {', '.join(clash)}")
+        return value
+
+    def clean(self):
+        data = super().clean()
+        if self.errors or not data.get("dataset"):
+            return data
+        try:
+            fields = example_clean(attributes=self.attributes(), description=data["description"], split=data["split"])
+        except ExampleError as exc:
+            target = exc.field.removeprefix("attributes.")
+            self.add_error(target if target in self.fields else "other_attributes", exc.message)
+            return data
+        duplicate = example_duplicate_get(
+            dataset=data["dataset"], content_hash_=fields["content_hash"], exclude_pk=self.instance.pk
+        )
+        if duplicate:
+            raise forms.ValidationError(f"The same example is already in {data['dataset']} (example {duplicate.pk}).")
+        return data
+
+
+class FineTuneForm(forms.Form):
+    """The hyperparameters a curator usually changes; the rest keep their defaults."""
+
+    _defaults = Hyperparameters()
+    method = forms.ChoiceField(choices=[(m, m) for m in METHODS], initial=_defaults.method)
+    epochs = forms.IntegerField(initial=_defaults.epochs)
+    max_steps = forms.IntegerField(initial=_defaults.max_steps, help_text="0: run all epochs.")
+    learning_rate = forms.FloatField(initial=_defaults.learning_rate)
+    batch_size = forms.IntegerField(initial=_defaults.batch_size)
+    max_seq_length = forms.IntegerField(initial=_defaults.max_seq_length)
+    seed = forms.IntegerField(initial=_defaults.seed)
+    lora_r = forms.IntegerField(initial=_defaults.lora_r, label="LoRA r")
+
+
+def json_pretty(value):
+    return json.dumps(value, indent=2, sort_keys=True)
