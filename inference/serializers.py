@@ -7,6 +7,7 @@ from finetuning.attributes import MAX_VALUE_CHARS, AttributeValueError, attribut
 from finetuning.selectors import version_get
 
 MAX_EXTRA_ATTRIBUTES = 20
+MIN_SAMPLING_TEMPERATURE = 0.01
 
 
 class FiniteFloatField(serializers.FloatField):
@@ -60,7 +61,9 @@ class GenerateRequestSerializer(serializers.Serializer):
     max_new_tokens = serializers.IntegerField(
         min_value=1, max_value=settings.GENERATE_MAX_NEW_TOKENS, default=settings.GENERATE_DEFAULT_MAX_NEW_TOKENS
     )
-    temperature = FiniteFloatField(min_value=0.0, max_value=2.0, default=0.0, help_text="0 means greedy decoding.")
+    temperature = FiniteFloatField(
+        min_value=0.0, max_value=2.0, default=0.0, help_text="0 means greedy decoding; otherwise at least 0.01."
+    )
     top_p = FiniteFloatField(min_value=0.01, max_value=1.0, default=1.0)
     top_k = serializers.IntegerField(min_value=0, max_value=1000, default=0, help_text="0 turns top-k filtering off.")
     repetition_penalty = FiniteFloatField(min_value=1.0, max_value=2.0, default=1.0)
@@ -71,6 +74,14 @@ class GenerateRequestSerializer(serializers.Serializer):
     model_version = serializers.CharField(
         required=False, max_length=100, help_text="Name or id of a model version; the active one when left out."
     )
+
+    def validate_temperature(self, value):
+        # Dividing logits by a vanishing temperature overflows to inf/NaN.
+        if 0 < value < MIN_SAMPLING_TEMPERATURE:
+            raise serializers.ValidationError(
+                f"use 0 for greedy decoding, or at least {MIN_SAMPLING_TEMPERATURE} to sample"
+            )
+        return value
 
     def validate_model_version(self, value):
         version = version_get(reference=value)

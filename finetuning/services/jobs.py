@@ -1,5 +1,6 @@
 """Fine-tuning jobs: start, claim, run, finish."""
 
+import functools
 import hashlib
 import logging
 import platform
@@ -43,10 +44,23 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None):
         job = FineTuningJob.objects.create(
             dataset=dataset, base_model=base_model, hyperparameters=hp.as_dict(), requested_by=requested_by
         )
-        from finetuning.tasks import job_run
-
-        transaction.on_commit(lambda: job_run.delay(job.pk))
+        # After commit, so that the worker never looks for a row that isn't there yet.
+        transaction.on_commit(functools.partial(_enqueue, job.pk))
     return job
+
+
+def _enqueue(job_id):
+    from finetuning.tasks import job_run
+
+    try:
+        job_run.delay(job_id)
+    except Exception as exc:  # the broker is down: say so rather than leave the job queued forever
+        logger.exception("Could not queue job %s", job_id)
+        FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.Status.QUEUED).update(
+            status=FineTuningJob.Status.FAILED,
+            error=f"could not reach the task broker to queue this job: {exc}",
+            finished_at=timezone.now(),
+        )
 
 
 def split_examples(rows):

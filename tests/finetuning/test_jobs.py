@@ -90,3 +90,20 @@ def test_a_failing_job_is_marked_failed_and_touches_nothing(base_version, datase
     assert ModelVersion.objects.get(is_active=True) == base_version
     assert ModelVersion.objects.count() == 1
     assert not (model_store / "versions").exists() or not any((model_store / "versions").iterdir())
+
+
+def test_a_job_that_cannot_reach_the_broker_fails_instead_of_waiting_forever(
+    base_version, dataset_factory, monkeypatch, django_capture_on_commit_callbacks
+):
+    from kombu.exceptions import OperationalError
+
+    from finetuning import tasks
+
+    def broker_down(*args, **kwargs):
+        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(tasks.job_run, "delay", broker_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = job_start(dataset=dataset_factory(), hyperparameters=FAST)
+    job.refresh_from_db()
+    assert job.status == "failed" and "broker" in job.error

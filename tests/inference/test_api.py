@@ -71,6 +71,7 @@ def test_unknown_product_attributes_reach_the_model(base_version, post):
         ({"product": PRODUCT, "temperature": -0.1}, "temperature"),
         ({"product": PRODUCT, "temperature": 9}, "temperature"),
         ({"product": PRODUCT, "temperature": "hot"}, "temperature"),
+        ({"product": PRODUCT, "temperature": 2.5e-293}, "temperature"),
         ({"product": PRODUCT, "top_p": 0}, "top_p"),
         ({"product": PRODUCT, "top_p": 1.5}, "top_p"),
         ({"product": PRODUCT, "top_k": -1}, "top_k"),
