@@ -16,6 +16,21 @@ from finetuning.services.jobs import JobError, job_start
 from finetuning.services.versions import VersionError, version_activate
 
 
+class JsonFieldsMixin:
+    """Hyperparameters and metrics shown as readable JSON on job and version pages."""
+
+    metrics_hidden = ()
+
+    @admin.display(description="hyperparameters")
+    def hyperparameters_display(self, obj):
+        return format_html("<pre>{}</pre>", json_pretty(obj.hyperparameters))
+
+    @admin.display(description="metrics")
+    def metrics_display(self, obj):
+        metrics = {key: value for key, value in (obj.metrics or {}).items() if key not in self.metrics_hidden}
+        return format_html("<pre>{}</pre>", json_pretty(metrics))
+
+
 @admin.register(Dataset)
 class DatasetAdmin(admin.ModelAdmin):
     list_display = ("name", "example_count", "train_count", "validation_count", "unassigned_count", "created_at")
@@ -132,7 +147,7 @@ class TrainingExampleAdmin(admin.ModelAdmin):
 
 
 @admin.register(FineTuningJob)
-class FineTuningJobAdmin(admin.ModelAdmin):
+class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "dataset",
@@ -193,17 +208,10 @@ class FineTuningJobAdmin(admin.ModelAdmin):
             '<a href="{}">{}</a>', reverse("admin:finetuning_modelversion_change", args=[version.pk]), version.name
         )
 
-    @admin.display(description="hyperparameters")
-    def hyperparameters_display(self, obj):
-        return format_html("<pre>{}</pre>", json_pretty(obj.hyperparameters))
-
-    @admin.display(description="metrics")
-    def metrics_display(self, obj):
-        return format_html("<pre>{}</pre>", json_pretty(obj.metrics))
-
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
+    metrics_hidden = ("loss_history",)  # long; a chart comes with evaluation
     list_display = ("name", "kind", "is_active", "base_model", "validation_loss", "created_at", "activated_at")
     list_filter = ("kind", "is_active")
     search_fields = ("name",)
@@ -232,15 +240,6 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def validation_loss(self, obj):
         value = (obj.metrics or {}).get("validation_loss")
         return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
-
-    @admin.display(description="hyperparameters")
-    def hyperparameters_display(self, obj):
-        return format_html("<pre>{}</pre>", json_pretty(obj.hyperparameters))
-
-    @admin.display(description="metrics")
-    def metrics_display(self, obj):
-        metrics = {key: value for key, value in (obj.metrics or {}).items() if key != "loss_history"}
-        return format_html("<pre>{}</pre>", json_pretty(metrics))
 
     def _activate(self, request, version):
         try:

@@ -93,6 +93,16 @@ def collate(items, pad_id):
     return input_ids, attention, labels
 
 
+def summed_target_loss(model, input_ids, attention, labels, device):
+    """Cross-entropy summed over the unmasked (description) tokens of a batch."""
+    import torch
+
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    shift_labels = labels[:, 1:].reshape(-1).to(device)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def _evaluate(model, encoded, batch_size, pad_id, device):
     import torch
 
@@ -104,14 +114,8 @@ def _evaluate(model, encoded, batch_size, pad_id, device):
     with torch.no_grad():
         for start in range(0, len(ordered), batch_size):
             input_ids, attention, labels = collate(ordered[start : start + batch_size], pad_id)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-            shift_labels = labels[:, 1:].reshape(-1).to(device)
-            loss = torch.nn.functional.cross_entropy(
-                shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total_loss += loss.item()
-            total_tokens += int((shift_labels != IGNORE_INDEX).sum())
+            total_loss += summed_target_loss(model, input_ids, attention, labels, device).item()
+            total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train()
     return total_loss / max(total_tokens, 1)
 
@@ -176,13 +180,8 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
                 input_ids, attention, labels = collate([train_set[i] for i in batch], pad_id)
                 real_tokens += int(attention.sum())
                 padded_tokens += attention.numel()
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-                shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-                shift_labels = labels[:, 1:].reshape(-1).to(device)
-                # Sum over the group's target tokens, divided once: every token counts the same.
-                loss = torch.nn.functional.cross_entropy(
-                    shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                ) / max(target_tokens, 1)
+                # Summed over the group's target tokens, divided once: every token counts the same.
+                loss = summed_target_loss(model, input_ids, attention, labels, device) / max(target_tokens, 1)
                 loss.backward()
                 step_loss += loss.item()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
