@@ -23,6 +23,7 @@ class Hyperparameters:
     weight_decay: float = 0.0
     max_seq_length: int = 256
     seed: int = 42
+    eval_steps: int = 0  # 0: evaluate on the validation split at the end of each epoch
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -45,6 +46,7 @@ _BOUNDS = {
     "weight_decay": (float, 0.0, 1.0),
     "max_seq_length": (int, 32, 4096),
     "seed": (int, 0, 2**32 - 1),
+    "eval_steps": (int, 0, 1_000_000),
     "lora_r": (int, 1, 512),
     "lora_alpha": (int, 1, 4096),
     "lora_dropout": (float, 0.0, 0.9),

@@ -28,10 +28,15 @@ class TrainingResult:
     final_train_loss: float
     validation_loss: float | None
     loss_history: list = field(default_factory=list)
+    validation_history: list = field(default_factory=list)
     real_tokens: int = 0
     padded_tokens: int = 0
+    target_tokens: int = 0
+    computed_tokens: int = 0  # real tokens less the shared prefixes computed once per batch
     seconds: float = 0.0
+    train_seconds: float = 0.0
     device: str = "cpu"
+    precision: str = "fp32"
 
     def metrics(self):
         return {
@@ -43,10 +48,19 @@ class TrainingResult:
             "validation_loss": self.validation_loss,
             "validation_perplexity": math.exp(self.validation_loss) if self.validation_loss is not None else None,
             "loss_history": self.loss_history,
-            "padding_share": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+            "validation_history": self.validation_history,
+            "padding_share": self.padding_share,
+            "target_tokens": self.target_tokens,
+            "target_tokens_per_second": self.target_tokens / self.train_seconds if self.train_seconds else None,
             "seconds": round(self.seconds, 2),
+            "train_seconds": round(self.train_seconds, 2),
             "device": self.device,
+            "precision": self.precision,
         }
+
+    @property
+    def padding_share(self):
+        return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
 def encode(tokenizer, pairs, max_length):
@@ -93,17 +107,60 @@ def collate(items, pad_id):
     return input_ids, attention, labels
 
 
-def summed_target_loss(model, input_ids, attention, labels, device):
-    """Cross-entropy summed over the unmasked (description) tokens of a batch."""
+def _causal_parts(model):
+    """(decoder stack, output head) of a causal LM, whether or not PEFT wraps it."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal.get_decoder(), causal.get_output_embeddings()
+
+
+def shared_prefix_length(items):
+    """How many leading tokens every row of a batch has in common, stopping
+    before the first position that predicts a target token (those need their
+    own hidden state) and leaving every row at least one token of its own."""
+    limit = min(len(ids) for ids, _ in items) - 1
+    for _, labels in items:
+        first_target = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        limit = min(limit, first_target - 1)
+    first = items[0][0]
+    length = 0
+    while length < limit and all(ids[length] == first[length] for ids, _ in items):
+        length += 1
+    return max(length, 0)
+
+
+def summed_target_loss(model, input_ids, attention, labels, device, prefix_length=0):
+    """Cross-entropy summed over the unmasked (description) tokens of a batch.
+
+    Two kinds of work are skipped, with the same result:
+    - the prompt's opening (system message, instruction) is the same in every
+      row, so it runs through the decoder once and its keys and values are
+      shared by the batch; gradients from every row flow back into it;
+    - the output head (576 x 49k for SmolLM2, a fifth of the model's compute)
+      runs only on positions that predict a target token, never on prompt or
+      padding positions.
+    """
     import torch
 
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-    shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(device)
-    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = _causal_parts(model)
+    input_ids, attention, labels = input_ids.to(device), attention.to(device), labels.to(device)
+    if prefix_length:
+        cache = decoder(input_ids=input_ids[:1, :prefix_length], use_cache=True).cache
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(input_ids.size(0), -1, -1, -1)
+            layer.values = layer.values.expand(input_ids.size(0), -1, -1, -1)
+        hidden = decoder(
+            input_ids=input_ids[:, prefix_length:], attention_mask=attention, cache=cache, use_cache=True
+        ).last_hidden_state
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    # hidden[:, i] predicts the token after position prefix_length + i.
+    targets = labels[:, prefix_length + 1 :]
+    keep = targets != IGNORE_INDEX
+    logits = head(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
 
 
-def _evaluate(model, encoded, batch_size, pad_id, device):
+def _evaluate(model, encoded, batch_size, pad_id, device, autocast):
     import torch
 
     if not encoded:
@@ -111,29 +168,58 @@ def _evaluate(model, encoded, batch_size, pad_id, device):
     model.eval()
     total_loss, total_tokens = 0.0, 0
     ordered = sorted(encoded, key=lambda item: len(item[0]))
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         for start in range(0, len(ordered), batch_size):
-            input_ids, attention, labels = collate(ordered[start : start + batch_size], pad_id)
-            total_loss += summed_target_loss(model, input_ids, attention, labels, device).item()
+            items = ordered[start : start + batch_size]
+            input_ids, attention, labels = collate(items, pad_id)
+            prefix = shared_prefix_length(items)
+            total_loss += summed_target_loss(model, input_ids, attention, labels, device, prefix).item()
             total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     model.train()
     return total_loss / max(total_tokens, 1)
 
 
-def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=None):
-    """Fine-tune the checkpoint in ``base_dir`` and save the result in
-    ``output_dir``. ``on_step(step, total, loss)`` is called after every
-    optimiser step and may raise TrainingCancelled."""
+def _device_and_autocast():
+    """CUDA with bf16 autocast where the card supports it, else fp32 on the CPU."""
+    import contextlib
+    import functools
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-    started = time.monotonic()
-    random.seed(hp.seed)
-    torch.manual_seed(hp.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "cuda", "bf16", functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        return "cuda", "fp32", contextlib.nullcontext
+    return "cpu", "fp32", contextlib.nullcontext
 
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+def runtime_environment():
+    """Where and with what a job trains, recorded on the job and its version."""
+    import platform
+    import socket
+
+    import peft
+    import torch
+    import transformers
+
+    device, precision, _ = _device_and_autocast()
+    return {
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "precision": precision,
+        "torch_threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def _load_model(base_dir, hp, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).to(device)
     if hp.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -149,6 +235,33 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
             ),
         )
     model.train()
+    return model
+
+
+def planned_steps(train_examples, hp):
+    """Optimiser steps a run over ``train_examples`` examples will take."""
+    steps_per_epoch = math.ceil(math.ceil(train_examples / hp.batch_size) / hp.gradient_accumulation_steps)
+    total = steps_per_epoch * hp.epochs
+    return min(total, hp.max_steps) if hp.max_steps else total
+
+
+def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=None, on_evaluate=None):
+    """Fine-tune the checkpoint in ``base_dir`` and save the result in
+    ``output_dir``. ``on_step(step, total, loss)`` is called after every
+    optimiser step and may raise TrainingCancelled; ``on_evaluate(step, loss)``
+    after every validation pass (every ``hp.eval_steps`` steps, or at the end
+    of each epoch, and at the end)."""
+    import torch
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    started = time.monotonic()
+    random.seed(hp.seed)
+    torch.manual_seed(hp.seed)
+    device, precision, autocast = _device_and_autocast()
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = _load_model(base_dir, hp, device)
 
     train_set, skipped = encode(tokenizer, train_pairs, hp.max_seq_length)
     validation_set, skipped_validation = encode(tokenizer, validation_pairs, hp.max_seq_length)
@@ -157,33 +270,46 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
 
     rng = random.Random(hp.seed)
     lengths = [len(ids) for ids, _ in train_set]
-    steps_per_epoch = math.ceil(math.ceil(len(train_set) / hp.batch_size) / hp.gradient_accumulation_steps)
-    total = steps_per_epoch * hp.epochs
-    if hp.max_steps:
-        total = min(total, hp.max_steps)
+    total = planned_steps(len(train_set), hp)
 
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * hp.warmup_ratio), total)
 
-    step, history, real_tokens, padded_tokens = 0, [], 0, 0
+    step, history, validations = 0, [], []
+    real_tokens = padded_tokens = target_tokens = computed_tokens = 0
     last_loss = float("nan")
+
+    def validate():
+        if validation_set and (not validations or validations[-1][0] != step):
+            loss = _evaluate(model, validation_set, hp.batch_size, pad_id, device, autocast)
+            validations.append([step, loss])
+            if on_evaluate:
+                on_evaluate(step, loss)
+
+    loop_started = time.monotonic()
     while step < total:
         batches = length_grouped_batches(lengths, hp.batch_size, rng)
         for first in range(0, len(batches), hp.gradient_accumulation_steps):
             group = batches[first : first + hp.gradient_accumulation_steps]
-            target_tokens = sum(
+            group_targets = sum(
                 sum(1 for label in train_set[i][1][1:] if label != IGNORE_INDEX) for batch in group for i in batch
             )
             step_loss = 0.0
             for batch in group:
-                input_ids, attention, labels = collate([train_set[i] for i in batch], pad_id)
+                items = [train_set[i] for i in batch]
+                input_ids, attention, labels = collate(items, pad_id)
+                prefix = shared_prefix_length(items)
                 real_tokens += int(attention.sum())
                 padded_tokens += attention.numel()
-                # Summed over the group's target tokens, divided once: every token counts the same.
-                loss = summed_target_loss(model, input_ids, attention, labels, device) / max(target_tokens, 1)
+                computed_tokens += int(attention.sum()) - prefix * (len(items) - 1)
+                with autocast():
+                    # Summed over the group's target tokens, divided once: every token counts the same.
+                    loss = summed_target_loss(model, input_ids, attention, labels, device, prefix)
+                    loss = loss / max(group_targets, 1)
                 loss.backward()
                 step_loss += loss.item()
+            target_tokens += group_targets
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()
@@ -193,10 +319,15 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
             history.append([step, round(step_loss, 5)])
             if on_step:
                 on_step(step, total, step_loss)
+            if hp.eval_steps and step % hp.eval_steps == 0:
+                validate()
             if step >= total:
                 break
+        if not hp.eval_steps:
+            validate()  # at the end of each epoch
+    train_seconds = time.monotonic() - loop_started
+    validate()
 
-    validation_loss = _evaluate(model, validation_set, hp.batch_size, pad_id, device)
     model.save_pretrained(output_dir, safe_serialization=True)
     if hp.method == "full":
         tokenizer.save_pretrained(output_dir)
@@ -206,10 +337,15 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
         validation_examples=len(validation_set),
         skipped_examples=skipped + skipped_validation,
         final_train_loss=last_loss,
-        validation_loss=validation_loss,
+        validation_loss=validations[-1][1] if validations else None,
         loss_history=history,
+        validation_history=validations,
         real_tokens=real_tokens,
         padded_tokens=padded_tokens,
+        target_tokens=target_tokens,
+        computed_tokens=computed_tokens,
         seconds=time.monotonic() - started,
+        train_seconds=train_seconds,
         device=device,
+        precision=precision,
     )

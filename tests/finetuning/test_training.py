@@ -1,0 +1,125 @@
+"""The training loop on the tiny model: the shortcuts it takes change nothing
+but the time, and the same inputs give the same model."""
+
+import json
+
+import pytest
+
+from finetuning.hyperparameters import hyperparameters_parse
+from finetuning.prompts import training_pair
+from finetuning.training import (
+    IGNORE_INDEX,
+    collate,
+    encode,
+    length_grouped_batches,
+    shared_prefix_length,
+    summed_target_loss,
+    train,
+)
+from tests.tiny_model import SEED_FILE
+
+
+def _pairs(count=24, offset=0):
+    rows = [json.loads(line) for line in SEED_FILE.read_text().splitlines()[offset : offset + count]]
+    return [training_pair(row["attributes"], row["description"]) for row in rows]
+
+
+def _plain_loss(model, input_ids, attention, labels):
+    """The textbook loss: full forward pass, head on every position."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_shared_prefix_and_target_only_head_give_the_textbook_loss_and_gradients(tiny_checkpoint, method):
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetuning.training import _load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    hp = hyperparameters_parse({"method": method, "lora_dropout": 0})
+    model = _load_model(tiny_checkpoint, hp, "cpu")
+    items, _ = encode(tokenizer, _pairs(6), 256)
+    input_ids, attention, labels = collate(items, tokenizer.pad_token_id)
+    prefix = shared_prefix_length(items)
+    assert prefix > 20  # the system message and instruction are shared
+
+    expected = _plain_loss(model, input_ids, attention, labels)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    got = summed_target_loss(model, input_ids, attention, labels, "cpu", prefix)
+    got.backward()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    for grad, expected_grad in zip((p.grad for p in model.parameters() if p.requires_grad), expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prefix_stops_before_the_first_target_token():
+    # Two rows that are identical up to and into their targets.
+    items = [
+        ([1, 2, 3, 4, 5], [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4, 5]),
+        ([1, 2, 3, 4, 9], [-100, -100, 3, 4, 9]),
+    ]
+    # Position 1 predicts the second row's first target (index 2): only position 0 may be shared.
+    assert shared_prefix_length(items) == 1
+    assert shared_prefix_length([([7, 8], [IGNORE_INDEX, 8]), ([6, 8], [IGNORE_INDEX, 8])]) == 0
+
+
+def test_length_grouping_keeps_padding_low_and_covers_every_example():
+    import random
+
+    lengths = [random.Random(i).randint(60, 250) for i in range(400)]
+    batches = length_grouped_batches(lengths, 8, random.Random(0))
+    assert sorted(i for batch in batches for i in batch) == list(range(400))
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    assert 1 - sum(lengths) / padded < 0.05
+
+
+def test_the_same_data_hyperparameters_and_seed_give_the_same_final_loss(tiny_checkpoint, tmp_path):
+    hp = hyperparameters_parse({"max_steps": 6, "batch_size": 4, "max_seq_length": 192, "seed": 7})
+    runs = [
+        train(
+            base_dir=tiny_checkpoint,
+            train_pairs=_pairs(24),
+            validation_pairs=_pairs(6, offset=30),
+            hp=hp,
+            output_dir=tmp_path / f"run{i}",
+        )
+        for i in range(2)
+    ]
+    assert runs[0].steps == runs[1].steps == 6
+    assert abs(runs[0].final_train_loss - runs[1].final_train_loss) < 1e-4
+    assert abs(runs[0].validation_loss - runs[1].validation_loss) < 1e-4
+    other_seed = train(
+        base_dir=tiny_checkpoint,
+        train_pairs=_pairs(24),
+        validation_pairs=[],
+        hp=hyperparameters_parse({**hp.as_dict(), "seed": 8}),
+        output_dir=tmp_path / "other",
+    )
+    assert abs(other_seed.final_train_loss - runs[0].final_train_loss) > 1e-4  # the seed matters
+
+
+def test_training_reports_padding_and_evaluates_at_each_epoch(tiny_checkpoint, tmp_path):
+    evaluations = []
+    result = train(
+        base_dir=tiny_checkpoint,
+        train_pairs=_pairs(16),
+        validation_pairs=_pairs(4, offset=40),
+        hp=hyperparameters_parse({"epochs": 2, "batch_size": 4, "max_seq_length": 192}),
+        output_dir=tmp_path / "out",
+        on_evaluate=lambda step, loss: evaluations.append(step),
+    )
+    assert result.steps == 8 and evaluations == [4, 8]
+    assert [step for step, _ in result.validation_history] == [4, 8]
+    assert result.padding_share < 0.25 and result.target_tokens > 0
+    assert result.computed_tokens < result.real_tokens  # shared prefixes were computed once per batch
