@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install install-dev prepare web worker clean
+.PHONY: run test lint install install-dev prepare web worker scheduler clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,11 +33,13 @@ prepare: install
 	$(BIN)/python manage.py load_examples
 	$(BIN)/python manage.py ensure_admin
 
-# Web and a training worker together; Ctrl-C stops both.
+# Web, a training worker and a scheduler worker (the periodic stale-job check)
+# together; Ctrl-C stops all three.
 run: prepare
 	@echo "genapi: http://$(HOST):$(PORT)/admin/  http://$(HOST):$(PORT)/api/docs/"
 	@trap 'kill 0' INT TERM EXIT; \
-	$(BIN)/celery -A genapi worker -Q training,celery -c 1 --max-tasks-per-child 1 -l info & \
+	$(BIN)/celery -A genapi worker -Q training -c 1 --max-tasks-per-child 1 -n training@%h -l info & \
+	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info & \
 	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload & \
 	wait -n
 
@@ -45,7 +47,10 @@ web: install
 	$(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 worker: install
-	$(BIN)/celery -A genapi worker -Q training,celery -c 1 --max-tasks-per-child 1 -l info
+	$(BIN)/celery -A genapi worker -Q training -c 1 --max-tasks-per-child 1 -n training@%h -l info
+
+scheduler: install
+	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info
 
 test: install-dev
 	$(BIN)/python -m pytest

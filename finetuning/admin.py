@@ -7,12 +7,13 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from finetuning.charts import loss_chart
 from finetuning.forms import FineTuneForm, TrainingExampleForm, json_pretty
 from finetuning.hyperparameters import HyperparameterError
 from finetuning.models import Dataset, FineTuningJob, ModelVersion, TrainingExample
 from finetuning.selectors import datasets_with_counts
 from finetuning.services.examples import ExampleError, example_save
-from finetuning.services.jobs import JobError, job_start
+from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
 from finetuning.services.versions import VersionError, version_activate
 
 
@@ -146,6 +147,18 @@ class TrainingExampleAdmin(admin.ModelAdmin):
             self.message_user(request, f"Not saved: {exc}", messages.ERROR)
 
 
+def _chart(train_history, validation_history):
+    return loss_chart([("train loss", "#417690", train_history), ("validation loss", "#d9534f", validation_history)])
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
 @admin.register(FineTuningJob)
 class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
@@ -154,29 +167,53 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
         "status",
         "progress_bar",
         "step_display",
+        "eta_display",
         "created_at",
         "finished_at",
         "version_link",
     )
     list_filter = ("status", "dataset")
-    list_select_related = ("dataset",)
+    list_select_related = ("dataset", "model_version")
+    actions = ("cancel_selected",)
     change_form_template = "admin/finetuning/finetuningjob/change_form.html"
-    fields = (
-        "dataset",
-        "status",
-        "progress_bar",
-        "step_display",
-        "error",
-        "version_link",
-        "base_model",
-        "hyperparameters_display",
-        "metrics_display",
-        "requested_by",
-        "created_at",
-        "started_at",
-        "finished_at",
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "dataset",
+                    "status",
+                    "progress_bar",
+                    "step_display",
+                    "eta_display",
+                    "loss_chart",
+                    "validation_loss",
+                    "error",
+                    "version_link",
+                )
+            },
+        ),
+        ("Recipe", {"fields": ("base_model", "snapshot_display", "hyperparameters_display")}),
+        (
+            "Run",
+            {
+                "fields": (
+                    "metrics_display",
+                    "environment_display",
+                    "worker",
+                    "heartbeat_at",
+                    "time_limit_seconds",
+                    "wall_time",
+                    "requested_by",
+                    "created_at",
+                    "started_at",
+                    "finished_at",
+                    "cancel_requested_at",
+                )
+            },
+        ),
     )
-    readonly_fields = fields
+    readonly_fields = tuple(field for _, options in fieldsets for field in options["fields"])
 
     def has_add_permission(self, request):
         return False  # jobs start from a dataset's "Start fine-tuning" button
@@ -186,6 +223,9 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def has_cancel_permission(self, request):
+        return request.user.has_perm("finetuning.change_finetuningjob")
 
     @admin.display(description="progress")
     def progress_bar(self, obj):
@@ -199,6 +239,47 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
     def step_display(self, obj):
         return f"{obj.step} / {obj.total_steps}" if obj.total_steps else "–"
 
+    @admin.display(description="time left")
+    def eta_display(self, obj):
+        if obj.status != FineTuningJob.Status.RUNNING:
+            return "–"
+        return f"about {_duration(obj.eta_seconds)}" if obj.eta_seconds is not None else "estimating…"
+
+    @admin.display(description="loss")
+    def loss_chart(self, obj):
+        return _chart(obj.loss_history, obj.validation_history) or "no steps yet"
+
+    @admin.display(description="validation loss")
+    def validation_loss(self, obj):
+        if obj.validation_history:
+            return f"{obj.validation_history[-1][1]:.4f} (step {obj.validation_history[-1][0]})"
+        if obj.snapshot and not obj.snapshot.validation_examples:
+            return obj.snapshot.note
+        return "–"
+
+    @admin.display(description="data snapshot")
+    def snapshot_display(self, obj):
+        snapshot = obj.snapshot
+        if snapshot is None:
+            return "–"
+        return format_html(
+            "{} examples: {} train, {} validation<br>{}<br><code>{}</code> sha256 <code>{}</code>",
+            snapshot.examples,
+            snapshot.train_examples,
+            snapshot.validation_examples,
+            snapshot.note,
+            snapshot.path,
+            snapshot.sha256,
+        )
+
+    @admin.display(description="environment")
+    def environment_display(self, obj):
+        return format_html("<pre>{}</pre>", json_pretty(obj.environment))
+
+    @admin.display(description="wall time")
+    def wall_time(self, obj):
+        return _duration(obj.wall_seconds)
+
     @admin.display(description="model version")
     def version_link(self, obj):
         version = getattr(obj, "model_version", None)
@@ -208,10 +289,44 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
             '<a href="{}">{}</a>', reverse("admin:finetuning_modelversion_change", args=[version.pk]), version.name
         )
 
+    def _cancel(self, request, job):
+        try:
+            job = job_cancel(job=job)
+        except JobError as exc:
+            self.message_user(request, str(exc), messages.WARNING)
+            return
+        if job.status == FineTuningJob.Status.CANCELLED:
+            self.message_user(request, f"Job {job.pk} cancelled.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"Job {job.pk} will stop at its next training step.", messages.SUCCESS)
+
+    @admin.action(description="Cancel the selected jobs", permissions=["cancel"])
+    def cancel_selected(self, request, queryset):
+        for job in queryset:
+            self._cancel(request, job)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/cancel/",
+                self.admin_site.admin_view(self.cancel_view),
+                name="finetuning_finetuningjob_cancel",
+            ),
+            *super().get_urls(),
+        ]
+
+    def cancel_view(self, request, pk):
+        if request.method != "POST":
+            return redirect("admin:finetuning_finetuningjob_change", pk)
+        if not self.has_cancel_permission(request):
+            raise PermissionDenied
+        self._cancel(request, get_object_or_404(FineTuningJob, pk=pk))
+        return redirect("admin:finetuning_finetuningjob_change", pk)
+
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
-    metrics_hidden = ("loss_history",)  # long; a chart comes with evaluation
+    metrics_hidden = ("loss_history", "validation_history")  # drawn as a chart
     list_display = ("name", "kind", "is_active", "base_model", "validation_loss", "created_at", "activated_at")
     list_filter = ("kind", "is_active")
     search_fields = ("name",)
@@ -227,7 +342,9 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
         "sha256",
         "prompt_format_version",
         "job",
+        "snapshot_display",
         "hyperparameters_display",
+        "loss_chart",
         "metrics_display",
         "created_at",
     )
@@ -235,6 +352,23 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # versions come from fine-tuning jobs and prepare_base_model
+
+    @admin.display(description="data snapshot")
+    def snapshot_display(self, obj):
+        if obj.snapshot is None:
+            return "–"
+        return format_html(
+            "{}: {} train, {} validation examples, sha256 <code>{}</code>",
+            obj.snapshot.path,
+            obj.snapshot.train_examples,
+            obj.snapshot.validation_examples,
+            obj.snapshot.sha256,
+        )
+
+    @admin.display(description="loss")
+    def loss_chart(self, obj):
+        metrics = obj.metrics or {}
+        return _chart(metrics.get("loss_history") or [], metrics.get("validation_history") or []) or "–"
 
     @admin.display(description="validation loss")
     def validation_loss(self, obj):
@@ -263,8 +397,27 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
                 self.admin_site.admin_view(self.activate_view),
                 name="finetuning_modelversion_activate",
             ),
+            path(
+                "<int:pk>/retrain/",
+                self.admin_site.admin_view(self.retrain_view),
+                name="finetuning_modelversion_retrain",
+            ),
             *super().get_urls(),
         ]
+
+    def retrain_view(self, request, pk):
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_change", pk)
+        if not request.user.has_perm("finetuning.add_finetuningjob"):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        try:
+            job = job_retrain(version=version, requested_by=request.user)
+        except JobError as exc:
+            self.message_user(request, f"Not retrained: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        self.message_user(request, f"Job {job.pk} retrains {version.name} on its own snapshot.", messages.SUCCESS)
+        return redirect("admin:finetuning_finetuningjob_change", job.pk)
 
     def activate_view(self, request, pk):
         if request.method != "POST":

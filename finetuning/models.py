@@ -51,6 +51,27 @@ class TrainingExample(models.Model):
         return self.name or f"example {self.pk}"
 
 
+class DataSnapshot(models.Model):
+    """A dataset's trainable examples frozen into a JSONL file in the model
+    store when a job starts, each line with its resolved split. Jobs train from
+    the file, never from the live rows, so a version can be retrained exactly."""
+
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="snapshots")
+    path = models.CharField(max_length=500, help_text="File under MODEL_STORE.")
+    sha256 = models.CharField(max_length=64, unique=True)
+    examples = models.PositiveIntegerField()
+    train_examples = models.PositiveIntegerField()
+    validation_examples = models.PositiveIntegerField()
+    note = models.CharField(max_length=300, blank=True, help_text="How the validation split was made.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.dataset} @ {self.sha256[:12]}"
+
+
 class FineTuningJob(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -61,15 +82,26 @@ class FineTuningJob(models.Model):
 
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
     dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    snapshot = models.ForeignKey(DataSnapshot, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
     base_model = models.CharField(max_length=200)
     hyperparameters = models.JSONField(default=dict)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     progress = models.FloatField(default=0.0, help_text="Share of training steps done, 0 to 1.")
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
+    eta_seconds = models.FloatField(null=True, blank=True, help_text="Estimated seconds of training left.")
+    loss_history = models.JSONField(default=list, blank=True, help_text="[step, train loss] pairs.")
+    validation_history = models.JSONField(default=list, blank=True, help_text="[step, validation loss] pairs.")
     metrics = models.JSONField(default=dict, blank=True)
+    environment = models.JSONField(default=dict, blank=True, help_text="Device, precision, library versions.")
     error = models.TextField(blank=True)
+    time_limit_seconds = models.PositiveIntegerField(default=0, help_text="Celery soft time limit for this job.")
+    worker = models.CharField(max_length=200, blank=True, help_text="Host and process that claimed the job.")
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -77,9 +109,23 @@ class FineTuningJob(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # Two clicks, two API calls or two workers can never train one dataset twice at once.
+            models.UniqueConstraint(
+                fields=["dataset"],
+                condition=Q(status__in=["queued", "running"]),
+                name="job_one_active_per_dataset",
+            ),
+        ]
 
     def __str__(self):
         return f"job {self.pk} on {self.dataset}"
+
+    @property
+    def wall_seconds(self):
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
 
 
 class ModelVersion(models.Model):
@@ -98,6 +144,9 @@ class ModelVersion(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     job = models.OneToOneField(
         FineTuningJob, null=True, blank=True, on_delete=models.SET_NULL, related_name="model_version"
+    )
+    snapshot = models.ForeignKey(
+        DataSnapshot, null=True, blank=True, on_delete=models.PROTECT, related_name="versions", help_text="Trained on."
     )
     is_active = models.BooleanField(default=False, editable=False)
     activated_at = models.DateTimeField(null=True, blank=True, editable=False)

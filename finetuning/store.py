@@ -35,8 +35,15 @@ def base_relpath(name):
     return f"base/{slug(name)}"
 
 
+VERSIONS = "versions"
+
+
 def version_relpath(name):
-    return f"versions/{slug(name)}"
+    return f"{VERSIONS}/{slug(name)}"
+
+
+def snapshot_relpath(sha256):
+    return f"snapshots/{sha256}.jsonl"
 
 
 def absolute(relpath):
@@ -54,6 +61,10 @@ def _file_sha256(path):
 def _digest(files):
     lines = "".join(f"{sha}  {name}\n" for name, sha in sorted(files.items()))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def file_sha256(path):
+    return _file_sha256(path)
 
 
 def manifest_write(directory):

@@ -1,132 +1,292 @@
-"""Fine-tuning jobs: start, claim, run, finish."""
+"""Fine-tuning jobs: start, claim, run, cancel, finish, and reap the ones
+whose worker died.
+
+States: queued -> running -> succeeded | failed | cancelled. Every transition
+is a conditional update on the current state, so two workers, two clicks or a
+worker and the stale check can never both move one job.
+"""
 
 import functools
-import hashlib
 import logging
-import platform
+import math
+import os
 import shutil
+import socket
+import threading
 import time
 import uuid
+from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from finetuning import store
 from finetuning.hyperparameters import hyperparameters_parse
-from finetuning.models import FineTuningJob, ModelVersion, TrainingExample
+from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
-from finetuning.selectors import trainable_examples
+from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read
 from finetuning.services.versions import version_register
+from finetuning.training import TrainingCancelled, planned_steps
 
 logger = logging.getLogger(__name__)
 
-VALIDATION_PERCENT = 10
-# Below this many unassigned examples a validation split costs more than it tells.
-MIN_EXAMPLES_FOR_SPLIT = 20
-PROGRESS_EVERY_SECONDS = 2.0
+Status = FineTuningJob.Status
+# The loss chart needs a shape, not every step: long runs are averaged down to this many points.
+MAX_HISTORY_POINTS = 500
+# How often a running job looks for a cancel request.
+CANCEL_CHECK_SECONDS = 0.5
 
 
 class JobError(Exception):
     pass
 
 
-def job_start(*, dataset, hyperparameters=None, requested_by=None):
-    """Validate and queue a fine-tuning job; the worker picks it up after commit.
-    Raises HyperparameterError or JobError before anything is queued."""
+class JobConflict(JobError):
+    """The dataset already has a queued or running job."""
+
+
+def _base_prepared(base_model):
+    return (store.absolute(store.base_relpath(base_model)) / store.MANIFEST).is_file()
+
+
+def job_time_limit(*, snapshot, hp):
+    """Seconds a job may run before Celery stops it: a fixed allowance for
+    loading and saving plus a generous budget per token it will process,
+    so a long run is never killed by a default and a hung one is."""
+    steps = planned_steps(snapshot.train_examples, hp)
+    tokens = steps * hp.batch_size * hp.gradient_accumulation_steps * hp.max_seq_length
+    evaluations = hp.epochs if not hp.eval_steps else math.ceil(steps / hp.eval_steps) + 1
+    tokens += evaluations * snapshot.validation_examples * hp.max_seq_length
+    return int(settings.JOB_TIME_LIMIT_BASE_SECONDS + tokens * settings.JOB_TIME_LIMIT_SECONDS_PER_TOKEN)
+
+
+def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None):
+    """Validate, freeze the data and queue a fine-tuning job; a worker picks it
+    up after commit. Raises HyperparameterError or JobError before anything is
+    queued. ``snapshot`` retrains on an earlier snapshot of the same dataset."""
     hp = hyperparameters_parse(hyperparameters)
-    if not dataset.examples.exists():
-        raise JobError(f"dataset {dataset.name} has no examples to train on")
     base_model = settings.BASE_MODEL_NAME
-    if not (store.absolute(store.base_relpath(base_model)) / store.MANIFEST).is_file():
+    if not _base_prepared(base_model):
         raise JobError(f"base model {base_model} is not prepared; run `python manage.py prepare_base_model`")
-    with transaction.atomic():
-        job = FineTuningJob.objects.create(
-            dataset=dataset, base_model=base_model, hyperparameters=hp.as_dict(), requested_by=requested_by
-        )
-        # After commit, so that the worker never looks for a row that isn't there yet.
-        transaction.on_commit(functools.partial(_enqueue, job.pk))
+    active = FineTuningJob.objects.filter(dataset=dataset, status__in=FineTuningJob.ACTIVE).first()
+    if active:
+        raise _busy(dataset, active)
+    try:
+        if snapshot is None:
+            snapshot = snapshot_freeze(dataset=dataset)
+        elif snapshot.dataset_id != dataset.pk:
+            raise JobError(f"snapshot {snapshot.sha256[:12]} belongs to dataset {snapshot.dataset}, not {dataset}")
+        else:
+            snapshot_read(snapshot)  # still there and unchanged
+    except SnapshotError as exc:
+        raise JobError(str(exc)) from exc
+    try:
+        with transaction.atomic():
+            job = FineTuningJob.objects.create(
+                dataset=dataset,
+                snapshot=snapshot,
+                base_model=base_model,
+                hyperparameters=hp.as_dict(),
+                time_limit_seconds=job_time_limit(snapshot=snapshot, hp=hp),
+                requested_by=requested_by,
+            )
+            # After commit, so that the worker never looks for a row that isn't there yet.
+            transaction.on_commit(functools.partial(_enqueue, job.pk, job.time_limit_seconds))
+    except IntegrityError as exc:  # another start on this dataset won the race
+        active = FineTuningJob.objects.filter(dataset=dataset, status__in=FineTuningJob.ACTIVE).first()
+        if active is None:
+            raise
+        raise _busy(dataset, active) from exc
     return job
 
 
-def _enqueue(job_id):
+def _busy(dataset, active):
+    return JobConflict(
+        f"dataset {dataset.name} already has a {active.status} fine-tuning job (job {active.pk}); "
+        "wait for it to finish or cancel it"
+    )
+
+
+def job_retrain(*, version, requested_by=None):
+    """A new job on exactly the data, hyperparameters and base model that made ``version``."""
+    if version.snapshot is None or version.job is None:
+        raise JobError(f"version {version.name} was not trained by a job here, so it has no recipe to repeat")
+    if version.base_model != settings.BASE_MODEL_NAME:
+        raise JobError(f"version {version.name} was trained on {version.base_model}, not {settings.BASE_MODEL_NAME}")
+    return job_start(
+        dataset=version.job.dataset,
+        hyperparameters=version.hyperparameters,
+        requested_by=requested_by,
+        snapshot=version.snapshot,
+    )
+
+
+def _enqueue(job_id, time_limit):
     from finetuning.tasks import job_run
 
     try:
-        job_run.delay(job_id)
+        # The soft limit raises inside the task (the job ends failed, files
+        # cleaned up); the hard one kills a task that ignores it.
+        job_run.apply_async(args=[job_id], soft_time_limit=time_limit, time_limit=time_limit + 300)
     except Exception as exc:  # the broker is down: say so rather than leave the job queued forever
         logger.exception("Could not queue job %s", job_id)
-        FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.Status.QUEUED).update(
-            status=FineTuningJob.Status.FAILED,
+        FineTuningJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
+            status=Status.FAILED,
             error=f"could not reach the task broker to queue this job: {exc}",
             finished_at=timezone.now(),
         )
 
 
-def split_examples(rows):
-    """Honour explicit splits; send ~10% of unassigned examples to validation,
-    chosen by content hash so the same example always lands on the same side."""
-    train, validation = [], []
-    unassigned = [row for row in rows if row["split"] == TrainingExample.Split.UNASSIGNED]
-    split_unassigned = len(unassigned) >= MIN_EXAMPLES_FOR_SPLIT
-    for row in rows:
-        if row["split"] == TrainingExample.Split.VALIDATION:
-            validation.append(row)
-        elif row["split"] == TrainingExample.Split.TRAIN or not split_unassigned:
-            train.append(row)
-        elif int(row["content_hash"][:8], 16) % 100 < VALIDATION_PERCENT:
-            validation.append(row)
-        else:
-            train.append(row)
-    return train, validation
+def job_cancel(*, job):
+    """Cancel a queued job at once, or ask a running one to stop at its next
+    step. Raises JobError if the job has already finished."""
+    now = timezone.now()
+    if FineTuningJob.objects.filter(pk=job.pk, status=Status.QUEUED).update(
+        status=Status.CANCELLED, cancel_requested_at=now, finished_at=now, error="cancelled before it started"
+    ):
+        job.refresh_from_db()
+        return job
+    FineTuningJob.objects.filter(pk=job.pk, status=Status.RUNNING, cancel_requested_at__isnull=True).update(
+        cancel_requested_at=now
+    )
+    job.refresh_from_db()
+    if job.status in FineTuningJob.FINISHED:
+        raise JobError(f"job {job.pk} has already {job.status}")
+    return job
 
 
-def _versions():
-    import peft
-    import torch
-    import transformers
+def jobs_reap_stale():
+    """Mark failed every running job whose worker stopped beating (killed,
+    out of memory, machine gone), and remove its half-written files.
+    Returns the ids of the jobs it failed."""
+    stale_after = settings.JOB_STALE_AFTER_SECONDS
+    cutoff = timezone.now() - timedelta(seconds=stale_after)
+    reaped = []
+    for job in FineTuningJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).select_related("dataset"):
+        last = job.heartbeat_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+        updated = FineTuningJob.objects.filter(pk=job.pk, status=Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
+            status=Status.FAILED,
+            finished_at=timezone.now(),
+            error=(
+                f"worker lost: no heartbeat from {job.worker or 'its worker'} since {last} "
+                f"(more than {stale_after} s); the process was killed or lost its connection. Start the job again."
+            ),
+        )
+        if updated:
+            _partial_artifacts_remove(job)
+            reaped.append(job.pk)
+            logger.warning("Job %s failed: worker lost (last heartbeat %s)", job.pk, last)
+    return reaped
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+
+def _version_name(job):
+    return f"{store.slug(job.dataset.name)}-job{job.pk}"
 
 
-class _ProgressReporter:
-    """Writes progress to the job row, at most every few seconds."""
+def _partial_artifacts_remove(job):
+    for partial in store.absolute(store.VERSIONS).glob(f".partial-{_version_name(job)}-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+class _Heartbeat:
+    """A thread that stamps the job's heartbeat while the worker is alive,
+    through model loading and evaluation as well as training steps."""
 
     def __init__(self, job_id):
         self.job_id = job_id
-        self.last = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-job-{job_id}", daemon=True)
 
-    def __call__(self, step, total, loss):
+    def _run(self):
+        try:
+            while not self.stop.wait(settings.JOB_HEARTBEAT_SECONDS):
+                try:
+                    FineTuningJob.objects.filter(pk=self.job_id, status=Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except Exception:  # a database blip: try again at the next beat
+                    logger.exception("Heartbeat of job %s failed", self.job_id)
+                    close_old_connections()
+        finally:
+            connection.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def _downsample(history, limit=MAX_HISTORY_POINTS):
+    if len(history) <= limit:
+        return history
+    size = math.ceil(len(history) / limit)
+    return [
+        [chunk[-1][0], round(sum(loss for _, loss in chunk) / len(chunk), 5)]
+        for chunk in (history[i : i + size] for i in range(0, len(history), size))
+    ]
+
+
+class _Progress:
+    """Reports steps, ETA and losses to the job row (throttled), and raises
+    TrainingCancelled at the first step after a cancel request."""
+
+    def __init__(self, job_id):
+        self.job_id = job_id
+        self.history = []
+        self.validation = []
+        self.last_write = self.last_check = 0.0
+        self.first_step_at = None
+
+    def _cancel_requested(self, now):
+        if now - self.last_check < CANCEL_CHECK_SECONDS:
+            return False
+        self.last_check = now
+        return FineTuningJob.objects.filter(pk=self.job_id, cancel_requested_at__isnull=False).exists()
+
+    def on_step(self, step, total, loss):
         now = time.monotonic()
-        if step < total and now - self.last < PROGRESS_EVERY_SECONDS:
+        if self.first_step_at is None:
+            self.first_step_at = (now, step)
+        self.history.append([step, round(loss, 5)])
+        if self._cancel_requested(now):
+            raise TrainingCancelled(f"cancelled at step {step} of {total}")
+        if step < total and now - self.last_write < settings.JOB_PROGRESS_SECONDS:
             return
-        self.last = now
+        self.last_write = now
+        started, first = self.first_step_at
+        eta = (now - started) / (step - first) * (total - step) if step > first else None
         FineTuningJob.objects.filter(pk=self.job_id).update(
-            step=step, total_steps=total, progress=step / total if total else 0.0, metrics={"train_loss": loss}
+            step=step,
+            total_steps=total,
+            progress=step / total if total else 0.0,
+            eta_seconds=eta,
+            loss_history=_downsample(self.history),
+            heartbeat_at=timezone.now(),
         )
 
+    def on_evaluate(self, step, loss):
+        self.validation.append([step, round(loss, 5)])
+        FineTuningJob.objects.filter(pk=self.job_id).update(validation_history=self.validation)
 
-def _train_version(job):
+
+def _train_version(job, progress):
     from finetuning.training import train
 
     hp = hyperparameters_parse(job.hyperparameters)
     base_relpath = store.base_relpath(job.base_model)
     base_dir = store.absolute(base_relpath)
+    if not _base_prepared(job.base_model):
+        raise JobError(f"base model {job.base_model} is not prepared; run `python manage.py prepare_base_model`")
     base_sha = store.manifest_read(base_dir)["sha256"]
-    rows = list(trainable_examples(dataset=job.dataset))
-    if not rows:
-        raise JobError(f"dataset {job.dataset.name} has no examples to train on")
-    train_rows, validation_rows = split_examples(rows)
-    if not train_rows:
-        raise JobError(f"dataset {job.dataset.name} has no training examples (all are in validation)")
-    data_sha = hashlib.sha256("".join(row["content_hash"] for row in rows).encode()).hexdigest()
+    if job.snapshot is None:
+        raise JobError("this job has no data snapshot")
+    train_rows, validation_rows = snapshot_read(job.snapshot)
 
-    name = f"{store.slug(job.dataset.name)}-job{job.pk}"
+    name = _version_name(job)
     # The directory name is unique on its own: a database can be reset while the store is kept.
     relpath = store.version_relpath(f"{name}-{uuid.uuid4().hex[:8]}")
     with store.artifact_writer(relpath) as output_dir:
@@ -136,9 +296,11 @@ def _train_version(job):
             validation_pairs=[training_pair(r["attributes"], r["description"]) for r in validation_rows],
             hp=hp,
             output_dir=output_dir,
-            on_step=_ProgressReporter(job.pk),
+            on_step=progress.on_step,
+            on_evaluate=progress.on_evaluate,
         )
         metrics = result.metrics()
+        metrics["loss_history"] = _downsample(metrics["loss_history"])
         store.recipe_write(
             output_dir,
             {
@@ -151,58 +313,106 @@ def _train_version(job):
                 "hyperparameters": hp.as_dict(),
                 "data": {
                     "dataset": job.dataset.name,
-                    "examples_sha256": data_sha,
+                    "snapshot": job.snapshot.path,
+                    "snapshot_sha256": job.snapshot.sha256,
                     "train_example_ids": [r["id"] for r in train_rows],
                     "validation_example_ids": [r["id"] for r in validation_rows],
                 },
                 "metrics": metrics,
-                "environment": _versions(),
+                "environment": job.environment,
             },
         )
         sha = store.manifest_write(output_dir)
     try:
-        return version_register(
-            name=name,
-            kind=ModelVersion.Kind.LORA if hp.method == "lora" else ModelVersion.Kind.FULL,
-            base_model=job.base_model,
-            relpath=relpath,
-            sha256=sha,
-            hyperparameters=hp.as_dict(),
-            metrics=metrics,
-            job=job,
-        )
+        with transaction.atomic():
+            # Registered only if the job is still ours to finish: a cancel that
+            # came in during saving wins, and so does the stale check.
+            current = FineTuningJob.objects.select_for_update().get(pk=job.pk)
+            if current.cancel_requested_at:
+                raise TrainingCancelled("cancelled while saving")
+            if current.status != Status.RUNNING:
+                raise JobError(f"job became {current.status} while it ran: {current.error}")
+            version = version_register(
+                name=name,
+                kind=ModelVersion.Kind.LORA if hp.method == "lora" else ModelVersion.Kind.FULL,
+                base_model=job.base_model,
+                relpath=relpath,
+                sha256=sha,
+                hyperparameters=hp.as_dict(),
+                metrics=metrics,
+                job=job,
+                snapshot=job.snapshot,
+            )
+            FineTuningJob.objects.filter(pk=job.pk).update(
+                status=Status.SUCCEEDED,
+                progress=1.0,
+                step=result.steps,
+                total_steps=result.steps,
+                eta_seconds=0,
+                loss_history=metrics["loss_history"],
+                validation_history=metrics["validation_history"],
+                metrics={k: v for k, v in metrics.items() if k not in ("loss_history", "validation_history")},
+                finished_at=timezone.now(),
+            )
+            return version
     except BaseException:
         # Never leave an artifact in the store that no version owns.
         shutil.rmtree(store.absolute(relpath), ignore_errors=True)
         raise
 
 
+def _worker_name():
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _describe(exc, job):
+    """A failure as a curator can act on it."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"stopped by its time limit of {job.time_limit_seconds} s"
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text.lower():
+        hp = job.hyperparameters
+        return (
+            f"out of memory on {job.environment.get('device', 'this device')} at batch_size={hp.get('batch_size')}, "
+            f"max_seq_length={hp.get('max_seq_length')}: lower batch_size (raise gradient_accumulation_steps to keep "
+            "the effective batch) or max_seq_length"
+        )
+    if isinstance(exc, (JobError, SnapshotError, store.ArtifactError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
 def job_execute(*, job_id):
-    """Run a queued job in this process. Claiming is a conditional update, so
-    two workers handed the same job can never both run it."""
-    claimed = FineTuningJob.objects.filter(pk=job_id, status=FineTuningJob.Status.QUEUED).update(
-        status=FineTuningJob.Status.RUNNING, started_at=timezone.now()
+    """Run a queued job in this process; return its ModelVersion, or None if
+    the job was not ours to run or did not succeed."""
+    from finetuning.training import runtime_environment
+
+    now = timezone.now()
+    claimed = FineTuningJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
+        status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=_worker_name()
     )
     if not claimed:
-        logger.info("Job %s is not queued (gone, or taken by another worker); skipping", job_id)
+        logger.info("Job %s is not queued (cancelled, gone, or taken by another worker); skipping", job_id)
         return None
-    job = FineTuningJob.objects.select_related("dataset").get(pk=job_id)
     if settings.TRAINING_TORCH_THREADS:
         import torch
 
         torch.set_num_threads(settings.TRAINING_TORCH_THREADS)
-    try:
-        version = _train_version(job)
-    except Exception as exc:
-        logger.exception("Job %s failed", job_id)
-        FineTuningJob.objects.filter(pk=job_id).update(
-            status=FineTuningJob.Status.FAILED, error=f"{type(exc).__name__}: {exc}", finished_at=timezone.now()
-        )
-        return None
-    FineTuningJob.objects.filter(pk=job_id).update(
-        status=FineTuningJob.Status.SUCCEEDED,
-        progress=1.0,
-        metrics=version.metrics,
-        finished_at=timezone.now(),
-    )
-    return version
+    FineTuningJob.objects.filter(pk=job_id).update(environment=runtime_environment())
+    job = FineTuningJob.objects.select_related("dataset", "snapshot").get(pk=job_id)
+    with _Heartbeat(job_id):
+        try:
+            return _train_version(job, _Progress(job_id))
+        except TrainingCancelled as exc:
+            logger.info("Job %s %s", job_id, exc)
+            FineTuningJob.objects.filter(pk=job_id, status=Status.RUNNING).update(
+                status=Status.CANCELLED, error=str(exc), finished_at=timezone.now()
+            )
+        except Exception as exc:
+            logger.exception("Job %s failed", job_id)
+            FineTuningJob.objects.filter(pk=job_id, status=Status.RUNNING).update(
+                status=Status.FAILED, error=_describe(exc, job), finished_at=timezone.now()
+            )
+    return None

@@ -36,7 +36,7 @@ def base_version_register(*, base_model, relpath, sha256):
 
 
 @transaction.atomic
-def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters, metrics, job=None):
+def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters, metrics, job=None, snapshot=None):
     if ModelVersion.objects.filter(name=name).exists():
         raise VersionError(f"a model version named {name!r} already exists")
     return ModelVersion.objects.create(
@@ -49,6 +49,7 @@ def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters
         hyperparameters=hyperparameters,
         metrics=metrics,
         job=job,
+        snapshot=snapshot,
     )
 
 

@@ -123,7 +123,16 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_ROUTES = {"finetuning.tasks.*": {"queue": "training"}}
+# Training goes to GPU workers; everything else (the stale-job check) to the default queue.
+CELERY_TASK_ROUTES = {"finetuning.tasks.job_run": {"queue": "training"}}
+CELERY_BEAT_SCHEDULE = {
+    "fail-jobs-whose-worker-died": {
+        "task": "finetuning.tasks.jobs_reap_stale",
+        "schedule": env.float("JOB_STALE_CHECK_SECONDS", default=60.0),
+    },
+}
+(VAR_DIR / "celery").mkdir(parents=True, exist_ok=True)
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celery" / "beat-schedule")
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Models -----------------------------------------------------------------
@@ -152,6 +161,18 @@ INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default
 # workers and a training worker, one thread each avoids oversubscription.
 INFERENCE_TORCH_THREADS = env.int("INFERENCE_TORCH_THREADS", default=0)
 TRAINING_TORCH_THREADS = env.int("TRAINING_TORCH_THREADS", default=0)
+
+# --- Fine-tuning jobs ---------------------------------------------------------
+# A running job stamps a heartbeat this often; one silent for JOB_STALE_AFTER_SECONDS
+# is failed ("worker lost") by the periodic check and when a worker starts.
+JOB_HEARTBEAT_SECONDS = env.float("JOB_HEARTBEAT_SECONDS", default=10.0)
+JOB_STALE_AFTER_SECONDS = env.int("JOB_STALE_AFTER_SECONDS", default=120)
+# Progress (step, ETA, loss history) is written at most this often.
+JOB_PROGRESS_SECONDS = env.float("JOB_PROGRESS_SECONDS", default=2.0)
+# Celery time limit of a job = base + tokens it will process x seconds per token
+# (about 15x what a CPU needs, so only a hung job meets it).
+JOB_TIME_LIMIT_BASE_SECONDS = env.int("JOB_TIME_LIMIT_BASE_SECONDS", default=1800)
+JOB_TIME_LIMIT_SECONDS_PER_TOKEN = env.float("JOB_TIME_LIMIT_SECONDS_PER_TOKEN", default=0.2)
 
 # --- API ----------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -5,7 +5,8 @@ import pytest
 from finetuning import store
 from finetuning.hyperparameters import HyperparameterError, hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
-from finetuning.services.jobs import JobError, job_execute, job_start, split_examples
+from finetuning.services.jobs import JobError, job_execute, job_start
+from finetuning.services.snapshots import split_examples
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
 
@@ -102,8 +103,203 @@ def test_a_job_that_cannot_reach_the_broker_fails_instead_of_waiting_forever(
     def broker_down(*args, **kwargs):
         raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
 
-    monkeypatch.setattr(tasks.job_run, "delay", broker_down)
+    monkeypatch.setattr(tasks.job_run, "apply_async", broker_down)
     with django_capture_on_commit_callbacks(execute=True):
         job = job_start(dataset=dataset_factory(), hyperparameters=FAST)
     job.refresh_from_db()
     assert job.status == "failed" and "broker" in job.error
+
+
+def test_a_job_trains_on_its_frozen_snapshot_not_on_later_edits(base_version, dataset_factory, model_store):
+    dataset = dataset_factory(examples=30)
+    job = job_start(dataset=dataset, hyperparameters=FAST)
+    snapshot = job.snapshot
+    path = store.absolute(snapshot.path)
+    assert path.is_file() and store.file_sha256(path) == snapshot.sha256
+    assert (snapshot.examples, snapshot.train_examples + snapshot.validation_examples) == (30, 30)
+    assert snapshot.validation_examples >= 1 and "unassigned" in snapshot.note
+    # Edits after the start reach neither this job nor its version.
+    dataset.examples.all().delete()
+    version = job_execute(job_id=job.pk)
+    assert version is not None and version.snapshot == snapshot
+    recipe = store.recipe_read(store.absolute(version.artifact_path))
+    assert recipe["data"]["snapshot_sha256"] == snapshot.sha256
+    assert len(recipe["data"]["train_example_ids"]) == snapshot.train_examples
+
+
+def test_a_dataset_too_small_to_split_trains_without_validation_and_says_so(base_version, dataset_factory):
+    job = job_start(dataset=dataset_factory(examples=8), hyperparameters=FAST)
+    assert job.snapshot.validation_examples == 0 and "no validation split" in job.snapshot.note
+    version = job_execute(job_id=job.pk)
+    assert version.metrics["validation_loss"] is None
+
+
+def test_a_snapshot_changed_on_disk_is_refused(base_version, dataset_factory):
+    job = job_start(dataset=dataset_factory(), hyperparameters=FAST)
+    path = store.absolute(job.snapshot.path)
+    path.write_text(path.read_text().replace("Product 1 ", "Product one "))
+    assert job_execute(job_id=job.pk) is None
+    job.refresh_from_db()
+    assert job.status == "failed" and "does not match its sha256" in job.error
+
+
+def test_retraining_a_version_repeats_its_snapshot_and_hyperparameters(base_version, dataset_factory):
+    from finetuning.services.jobs import job_retrain
+
+    dataset = dataset_factory()
+    first = job_execute(job_id=job_start(dataset=dataset, hyperparameters={**FAST, "seed": 3}).pk)
+    dataset.examples.filter(name="Product 0").delete()  # the live data moves on
+    again = job_retrain(version=first)
+    assert again.snapshot == first.snapshot and again.hyperparameters == first.hyperparameters
+    second = job_execute(job_id=again.pk)
+    assert abs(second.metrics["final_train_loss"] - first.metrics["final_train_loss"]) < 1e-4
+
+
+def test_progress_loss_history_eta_and_environment_are_recorded(base_version, dataset_factory, settings):
+    settings.JOB_PROGRESS_SECONDS = 0
+    job = job_start(dataset=dataset_factory(), hyperparameters={**FAST, "max_steps": 4, "eval_steps": 2})
+    job_execute(job_id=job.pk)
+    job.refresh_from_db()
+    assert [step for step, _ in job.loss_history] == [1, 2, 3, 4]
+    assert [step for step, _ in job.validation_history] == [2, 4]
+    assert job.metrics["validation_loss"] == pytest.approx(job.validation_history[-1][1], abs=1e-5)
+    assert job.environment["device"] == "cpu" and job.environment["torch"] and job.environment["precision"]
+    assert job.wall_seconds > 0 and job.eta_seconds == 0
+    assert job.time_limit_seconds > 0
+
+
+def test_a_second_start_on_a_busy_dataset_is_refused(base_version, dataset_factory):
+    from finetuning.services.jobs import JobConflict
+
+    dataset = dataset_factory()
+    first = job_start(dataset=dataset, hyperparameters=FAST)
+    with pytest.raises(JobConflict, match=f"job {first.pk}"):
+        job_start(dataset=dataset, hyperparameters=FAST)
+    job_execute(job_id=first.pk)
+    assert job_start(dataset=dataset, hyperparameters=FAST).status == "queued"  # free again once it finished
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_concurrent_starts_on_one_dataset_make_one_job(base_version, dataset_factory):
+    import threading
+
+    from django.db import connection
+
+    from finetuning.services.jobs import JobConflict
+
+    dataset = dataset_factory()
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def start():
+        barrier.wait()
+        try:
+            outcomes.append(job_start(dataset=dataset, hyperparameters=FAST).pk)
+        except JobConflict as exc:
+            outcomes.append(str(exc))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert FineTuningJob.objects.count() == 1
+    assert sorted(type(outcome).__name__ for outcome in outcomes) == ["int", "str"]
+
+
+def test_cancelling_a_queued_job_stops_it_before_it_starts(base_version, dataset_factory):
+    from finetuning.services.jobs import job_cancel
+
+    job = job_cancel(job=job_start(dataset=dataset_factory(), hyperparameters=FAST))
+    assert job.status == "cancelled" and job.finished_at
+    assert job_execute(job_id=job.pk) is None  # the queued message arrives anyway
+    assert not ModelVersion.objects.filter(job=job).exists()
+    with pytest.raises(JobError, match="already cancelled"):
+        job_cancel(job=job)
+
+
+def test_a_cancel_during_training_stops_at_the_next_step_and_leaves_nothing(
+    base_version, dataset_factory, model_store, monkeypatch
+):
+    from finetuning.services import jobs
+    from finetuning.services.jobs import job_cancel
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={**FAST, "max_steps": 50})
+    real_on_step = jobs._Progress.on_step
+
+    def on_step(self, step, total, loss):
+        if step == 3:
+            job_cancel(job=FineTuningJob.objects.get(pk=self.job_id))
+            self.last_check = 0.0
+        return real_on_step(self, step, total, loss)
+
+    monkeypatch.setattr(jobs._Progress, "on_step", on_step)
+    monkeypatch.setattr(jobs, "CANCEL_CHECK_SECONDS", 0)
+    assert job_execute(job_id=job.pk) is None
+    job.refresh_from_db()
+    assert job.status == "cancelled" and "cancelled at step 3 of" in job.error
+    assert not ModelVersion.objects.filter(job=job).exists()
+    assert ModelVersion.objects.get(is_active=True) == base_version
+    assert not any((model_store / "versions").iterdir())
+
+
+def test_out_of_memory_gets_a_message_a_curator_can_act_on(base_version, dataset_factory, monkeypatch):
+    from finetuning import training
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    monkeypatch.setattr(training, "summed_target_loss", oom)
+    job = job_start(dataset=dataset_factory(), hyperparameters=FAST)
+    job_execute(job_id=job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed"
+    assert "out of memory on cpu at batch_size=4, max_seq_length=128: lower batch_size" in job.error
+
+
+def test_the_stale_check_fails_a_running_job_without_heartbeat_and_removes_its_files(
+    base_version, dataset_factory, model_store, settings
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from finetuning.services.jobs import jobs_reap_stale
+
+    settings.JOB_STALE_AFTER_SECONDS = 60
+    dead = job_start(dataset=dataset_factory(name="dead"), hyperparameters=FAST)
+    alive = job_start(dataset=dataset_factory(name="alive"), hyperparameters=FAST)
+    now = timezone.now()
+    FineTuningJob.objects.filter(pk=dead.pk).update(status="running", heartbeat_at=now - timedelta(seconds=61))
+    FineTuningJob.objects.filter(pk=alive.pk).update(status="running", heartbeat_at=now - timedelta(seconds=5))
+    partial = model_store / "versions" / f".partial-dead-job{dead.pk}-abcd1234-0000ffff"
+    partial.mkdir(parents=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+
+    assert jobs_reap_stale() == [dead.pk]
+    dead.refresh_from_db()
+    alive.refresh_from_db()
+    assert dead.status == "failed" and dead.error.startswith("worker lost") and dead.finished_at
+    assert alive.status == "running"
+    assert not partial.exists()
+    assert ModelVersion.objects.get(is_active=True) == base_version
+
+
+def test_time_limit_grows_with_the_work_and_reaches_celery(
+    base_version, dataset_factory, monkeypatch, django_capture_on_commit_callbacks
+):
+    from finetuning import tasks
+
+    calls = []
+    monkeypatch.setattr(tasks.job_run, "apply_async", lambda **kwargs: calls.append(kwargs))
+    with django_capture_on_commit_callbacks(execute=True):
+        short = job_start(dataset=dataset_factory(name="a"), hyperparameters=FAST)
+        long = job_start(dataset=dataset_factory(name="b"), hyperparameters={"epochs": 20})
+    assert long.time_limit_seconds > short.time_limit_seconds
+    assert calls[0] == {
+        "args": [short.pk],
+        "soft_time_limit": short.time_limit_seconds,
+        "time_limit": short.time_limit_seconds + 300,
+    }

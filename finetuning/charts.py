@@ -1,0 +1,76 @@
+"""Small server-rendered SVG charts for the admin: no JavaScript, no CDN."""
+
+from django.utils.html import format_html, format_html_join
+
+WIDTH, HEIGHT = 640, 240
+LEFT, RIGHT, TOP, BOTTOM = 56, 16, 12, 28
+
+
+def _ticks(low, high, count=4):
+    if high == low:
+        return [low]
+    return [low + (high - low) * i / count for i in range(count + 1)]
+
+
+def loss_chart(series):
+    """``series``: (label, colour, [[step, loss], ...]) tuples -> an SVG line
+    chart with axes; an empty string when there is nothing to draw."""
+    series = [(label, colour, points) for label, colour, points in series if points]
+    if not series:
+        return ""
+    steps = [step for _, _, points in series for step, _ in points]
+    losses = [loss for _, _, points in series for _, loss in points]
+    x_low, x_high = 0, max(max(steps), 1)
+    y_low, y_high = min(losses), max(losses)
+    if y_high - y_low < 1e-9:
+        y_low, y_high = y_low - 0.5, y_high + 0.5
+    span_x, span_y = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def x(step):
+        return LEFT + (step - x_low) / (x_high - x_low) * span_x
+
+    def y(loss):
+        return TOP + (y_high - loss) / (y_high - y_low) * span_y
+
+    grid = format_html_join(
+        "",
+        '<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" stroke="#ddd"/>'
+        '<text x="{}" y="{:.1f}" font-size="11" text-anchor="end" fill="#666">{:.3f}</text>',
+        ((LEFT, WIDTH - RIGHT, y(v), y(v), LEFT - 6, y(v) + 4, v) for v in _ticks(y_low, y_high)),
+    )
+    x_labels = format_html_join(
+        "",
+        '<text x="{:.1f}" y="{}" font-size="11" text-anchor="middle" fill="#666">{}</text>',
+        ((x(v), HEIGHT - 8, round(v)) for v in _ticks(x_low, x_high)),
+    )
+    lines = []
+    for _, colour, points in series:
+        if len(points) == 1:
+            step, loss = points[0]
+            lines.append(format_html('<circle cx="{:.1f}" cy="{:.1f}" r="3" fill="{}"/>', x(step), y(loss), colour))
+        else:
+            coords = " ".join(f"{x(step):.1f},{y(loss):.1f}" for step, loss in points)
+            lines.append(
+                format_html('<polyline points="{}" fill="none" stroke="{}" stroke-width="1.5"/>', coords, colour)
+            )
+            if len(points) <= 30:  # few points (validation): mark them
+                lines.extend(
+                    format_html('<circle cx="{:.1f}" cy="{:.1f}" r="2.5" fill="{}"/>', x(s), y(v), colour)
+                    for s, v in points
+                )
+    legend = format_html_join(
+        "",
+        '<span style="color:{};margin-right:1em">&#9632; {}</span>',
+        ((colour, label) for label, colour, _ in series),
+    )
+    return format_html(
+        '<div><svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" aria-label="loss by training step">'
+        '<rect x="0" y="0" width="{w}" height="{h}" fill="#fff"/>{}{}{}</svg>'
+        '<div style="font-size:12px">{} <span style="color:#666">x: step, y: loss</span></div></div>',
+        grid,
+        x_labels,
+        format_html_join("", "{}", ((line,) for line in lines)),
+        legend,
+        w=WIDTH,
+        h=HEIGHT,
+    )

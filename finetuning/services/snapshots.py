@@ -1,0 +1,133 @@
+"""Data snapshots: a dataset's trainable examples frozen into a JSONL file.
+
+A job trains from its snapshot file, never from the live rows, so edits made
+while it is queued or running do not change what it learns, and any version
+can be retrained on exactly its data.
+"""
+
+import hashlib
+import json
+import os
+import uuid
+
+from django.db import IntegrityError, transaction
+
+from finetuning import store
+from finetuning.models import DataSnapshot, TrainingExample
+from finetuning.selectors import trainable_examples
+
+VALIDATION_PERCENT = 10
+# Below this many unassigned examples a validation split costs more than it tells.
+MIN_EXAMPLES_FOR_SPLIT = 20
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def split_examples(rows):
+    """Honour explicit splits; send ~10% of unassigned examples to validation,
+    chosen by content hash so the same example always lands on the same side."""
+    train, validation = [], []
+    unassigned = [row for row in rows if row["split"] == TrainingExample.Split.UNASSIGNED]
+    split_unassigned = len(unassigned) >= MIN_EXAMPLES_FOR_SPLIT
+    for row in rows:
+        if row["split"] == TrainingExample.Split.VALIDATION:
+            validation.append(row)
+        elif row["split"] == TrainingExample.Split.TRAIN or not split_unassigned:
+            train.append(row)
+        elif int(row["content_hash"][:8], 16) % 100 < VALIDATION_PERCENT:
+            validation.append(row)
+        else:
+            train.append(row)
+    return train, validation
+
+
+def _split_note(rows, validation):
+    unassigned = sum(1 for row in rows if row["split"] == TrainingExample.Split.UNASSIGNED)
+    explicit = sum(1 for row in rows if row["split"] == TrainingExample.Split.VALIDATION)
+    if not validation:
+        return (
+            f"no validation split: only {unassigned} unassigned examples (at least {MIN_EXAMPLES_FOR_SPLIT} "
+            "are needed to hold some out) and none marked validation; training runs without validation loss"
+        )
+    parts = []
+    if explicit:
+        parts.append(f"{explicit} marked validation")
+    if len(validation) > explicit:
+        parts.append(f"{len(validation) - explicit} of {unassigned} unassigned chosen by content hash")
+    return "validation: " + ", ".join(parts)
+
+
+def snapshot_freeze(*, dataset):
+    """Write the dataset's trainable examples, with their resolved splits, to
+    ``snapshots/<sha256>.jsonl`` and return its DataSnapshot (the same row when
+    nothing changed since the last freeze)."""
+    rows = list(trainable_examples(dataset=dataset))
+    if not rows:
+        raise SnapshotError(f"dataset {dataset.name} has no examples to train on")
+    train, validation = split_examples(rows)
+    if not train:
+        raise SnapshotError(f"dataset {dataset.name} has no training examples (every example is in validation)")
+    in_validation = {row["id"] for row in validation}
+    lines = [
+        json.dumps(
+            {
+                "id": row["id"],
+                "split": "validation" if row["id"] in in_validation else "train",
+                "attributes": row["attributes"],
+                "description": row["description"],
+                "content_hash": row["content_hash"],
+            },
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        for row in sorted(rows, key=lambda row: row["id"])
+    ]
+    payload = ("\n".join(lines) + "\n").encode()
+    sha = hashlib.sha256(payload).hexdigest()
+    existing = DataSnapshot.objects.filter(sha256=sha).first()
+    if existing and _intact(existing):
+        return existing
+    relpath = store.snapshot_relpath(sha)
+    path = store.absolute(relpath)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".partial-{path.name}-{uuid.uuid4().hex[:8]}")
+    temporary.write_bytes(payload)
+    os.replace(temporary, path)  # atomic: a reader sees the whole file or none
+    if existing:
+        return existing
+    try:
+        with transaction.atomic():
+            return DataSnapshot.objects.create(
+                dataset=dataset,
+                path=relpath,
+                sha256=sha,
+                examples=len(rows),
+                train_examples=len(train),
+                validation_examples=len(validation),
+                note=_split_note(rows, validation),
+            )
+    except IntegrityError:  # frozen at the same moment by another start
+        return DataSnapshot.objects.get(sha256=sha)
+
+
+def _intact(snapshot):
+    path = store.absolute(snapshot.path)
+    return path.is_file() and store.file_sha256(path) == snapshot.sha256
+
+
+def snapshot_read(snapshot):
+    """(train rows, validation rows) from the snapshot file, after checking
+    that the file is the one that was frozen."""
+    path = store.absolute(snapshot.path)
+    if not path.is_file():
+        raise SnapshotError(f"data snapshot {snapshot.path} is missing from the model store")
+    if store.file_sha256(path) != snapshot.sha256:
+        raise SnapshotError(f"data snapshot {snapshot.path} does not match its sha256: it was changed after freezing")
+    train, validation = [], []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            (validation if row["split"] == "validation" else train).append(row)
+    return train, validation
