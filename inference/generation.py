@@ -38,7 +38,7 @@ class GenerationResult:
 def generate(loaded, prompt_text, params):
     import torch
 
-    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer = loaded.tokenizer
     encoded = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
     input_ids = encoded["input_ids"]
     prompt_tokens = input_ids.shape[1]
@@ -64,7 +64,8 @@ def generate(loaded, prompt_text, params):
     seed = params.seed
     if sampling and seed is None:
         seed = secrets.randbelow(2**31)
-    with loaded.lock, torch.inference_mode():
+    # Versions on one base model share its modules (and torch RNG is global): they take turns.
+    with loaded.use() as model, torch.inference_mode():
         started = time.monotonic()
         if sampling:
             torch.manual_seed(seed)
