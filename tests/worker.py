@@ -23,7 +23,9 @@ def database_url():
 
 
 @contextmanager
-def celery_worker(log_path, queues="training"):
+def celery_worker(log_path, queues="training", **settings_env):
+    """A worker process; keyword arguments become environment variables
+    (settings), e.g. JOB_STALE_AFTER_SECONDS="2"."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "genapi.settings.test",
@@ -33,6 +35,8 @@ def celery_worker(log_path, queues="training"):
         "BASE_MODEL_NAME": settings.BASE_MODEL_NAME,
         "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
         "TRAINING_TORCH_THREADS": "1",
+        "JOB_PROGRESS_SECONDS": "0.2",
+        **settings_env,
     }
     command = [
         sys.executable, "-m", "celery", "-A", "genapi", "worker", "-Q", queues, "--pool=solo",

@@ -217,7 +217,8 @@ class _Heartbeat:
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join()
+        # Bounded: a beat stuck on a database lock must not hold the job's ending up.
+        self.thread.join(timeout=5)
 
 
 def _downsample(history, limit=MAX_HISTORY_POINTS):

@@ -59,7 +59,9 @@ def test_shared_prefix_and_target_only_head_give_the_textbook_loss_and_gradients
     got = summed_target_loss(model, input_ids, attention, labels, "cpu", prefix)
     got.backward()
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    for grad, expected_grad in zip((p.grad for p in model.parameters() if p.requires_grad), expected_grads, strict=True):
+    for grad, expected_grad in zip(
+        (p.grad for p in model.parameters() if p.requires_grad), expected_grads, strict=True
+    ):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
 
 
