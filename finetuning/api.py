@@ -30,7 +30,8 @@ class JobPermission(permissions.BasePermission):
 
 
 class JobAPIView(APIView):
-    authentication_classes = [SessionAuthentication, BasicAuthentication]
+    # Basic first: a script without credentials is told 401 and how to authenticate.
+    authentication_classes = [BasicAuthentication, SessionAuthentication]
     permission_classes = [JobPermission]
 
     @staticmethod

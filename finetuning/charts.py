@@ -26,36 +26,37 @@ def loss_chart(series):
         y_low, y_high = y_low - 0.5, y_high + 0.5
     span_x, span_y = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
+    # Coordinates as text: format_html escapes its arguments, so numbers are formatted first.
     def x(step):
-        return LEFT + (step - x_low) / (x_high - x_low) * span_x
+        return f"{LEFT + (step - x_low) / (x_high - x_low) * span_x:.1f}"
 
     def y(loss):
-        return TOP + (y_high - loss) / (y_high - y_low) * span_y
+        return f"{TOP + (y_high - loss) / (y_high - y_low) * span_y:.1f}"
 
     grid = format_html_join(
         "",
-        '<line x1="{}" x2="{}" y1="{:.1f}" y2="{:.1f}" stroke="#ddd"/>'
-        '<text x="{}" y="{:.1f}" font-size="11" text-anchor="end" fill="#666">{:.3f}</text>',
-        ((LEFT, WIDTH - RIGHT, y(v), y(v), LEFT - 6, y(v) + 4, v) for v in _ticks(y_low, y_high)),
+        '<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="#ddd"/>'
+        '<text x="{}" y="{}" dy="4" font-size="11" text-anchor="end" fill="#666">{}</text>',
+        ((LEFT, WIDTH - RIGHT, y(v), y(v), LEFT - 6, y(v), f"{v:.3f}") for v in _ticks(y_low, y_high)),
     )
     x_labels = format_html_join(
         "",
-        '<text x="{:.1f}" y="{}" font-size="11" text-anchor="middle" fill="#666">{}</text>',
+        '<text x="{}" y="{}" font-size="11" text-anchor="middle" fill="#666">{}</text>',
         ((x(v), HEIGHT - 8, round(v)) for v in _ticks(x_low, x_high)),
     )
     lines = []
     for _, colour, points in series:
         if len(points) == 1:
             step, loss = points[0]
-            lines.append(format_html('<circle cx="{:.1f}" cy="{:.1f}" r="3" fill="{}"/>', x(step), y(loss), colour))
+            lines.append(format_html('<circle cx="{}" cy="{}" r="3" fill="{}"/>', x(step), y(loss), colour))
         else:
-            coords = " ".join(f"{x(step):.1f},{y(loss):.1f}" for step, loss in points)
+            coords = " ".join(f"{x(step)},{y(loss)}" for step, loss in points)
             lines.append(
                 format_html('<polyline points="{}" fill="none" stroke="{}" stroke-width="1.5"/>', coords, colour)
             )
             if len(points) <= 30:  # few points (validation): mark them
                 lines.extend(
-                    format_html('<circle cx="{:.1f}" cy="{:.1f}" r="2.5" fill="{}"/>', x(s), y(v), colour)
+                    format_html('<circle cx="{}" cy="{}" r="2.5" fill="{}"/>', x(s), y(v), colour)
                     for s, v in points
                 )
     legend = format_html_join(

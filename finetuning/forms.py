@@ -78,17 +78,37 @@ class TrainingExampleForm(forms.ModelForm):
 
 
 class FineTuneForm(forms.Form):
-    """The hyperparameters a curator usually changes; the rest keep their defaults."""
+    """Every hyperparameter, with its default; bounds are checked by
+    hyperparameters_parse, the same check the API and the command use."""
 
     _defaults = Hyperparameters()
-    method = forms.ChoiceField(choices=[(m, m) for m in METHODS], initial=_defaults.method)
+    method = forms.ChoiceField(
+        choices=[(m, m) for m in METHODS],
+        initial=_defaults.method,
+        help_text="lora: small adapters on the frozen base (fast, a few MB). full: every weight (slower, 540 MB).",
+    )
     epochs = forms.IntegerField(initial=_defaults.epochs)
     max_steps = forms.IntegerField(initial=_defaults.max_steps, help_text="0: run all epochs.")
-    learning_rate = forms.FloatField(initial=_defaults.learning_rate)
+    learning_rate = forms.FloatField(initial=_defaults.learning_rate, help_text="Try 1e-5 to 5e-5 for full.")
     batch_size = forms.IntegerField(initial=_defaults.batch_size)
-    max_seq_length = forms.IntegerField(initial=_defaults.max_seq_length)
-    seed = forms.IntegerField(initial=_defaults.seed)
+    gradient_accumulation_steps = forms.IntegerField(
+        initial=_defaults.gradient_accumulation_steps, help_text="Batches per optimiser step."
+    )
+    warmup_ratio = forms.FloatField(initial=_defaults.warmup_ratio, help_text="Share of steps with a rising rate.")
+    weight_decay = forms.FloatField(initial=_defaults.weight_decay)
+    max_seq_length = forms.IntegerField(initial=_defaults.max_seq_length, help_text="Prompt and description tokens.")
+    seed = forms.IntegerField(initial=_defaults.seed, help_text="Same data, settings and seed: same model.")
+    eval_steps = forms.IntegerField(
+        initial=_defaults.eval_steps, help_text="Validation loss every this many steps; 0: after each epoch."
+    )
     lora_r = forms.IntegerField(initial=_defaults.lora_r, label="LoRA r")
+    lora_alpha = forms.IntegerField(initial=_defaults.lora_alpha, label="LoRA alpha")
+    lora_dropout = forms.FloatField(initial=_defaults.lora_dropout, label="LoRA dropout")
+    lora_target_modules = forms.CharField(
+        initial=",".join(_defaults.lora_target_modules),
+        label="LoRA target modules",
+        help_text="Comma-separated module names.",
+    )
 
 
 def json_pretty(value):

@@ -9,9 +9,11 @@ from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import override_settings
 
+from finetuning import store
 from finetuning.models import Dataset, ModelVersion
 from finetuning.services.jobs import job_execute, job_start
 from finetuning.services.versions import version_activate
+from inference.loader import loaded_version_ids, loaded_weights_paths
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +73,13 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
     assert job.status == "succeeded", job.error
     assert math.isfinite(version.metrics["final_train_loss"]) and version.metrics["validation_loss"] < 10
 
+    adapter = store.absolute(version.artifact_path) / "adapter_model.safetensors"
+    assert adapter.stat().st_size < 20 * 2**20  # LoRA: a few MB, not another 540 MB model
+
     version_activate(version=version)
     tuned = generate()
     assert tuned["model_version"]["name"] == version.name
     assert tuned["choices"][0]["text"].strip()
+    # Base and fine-tuned version are both loaded, on one copy of the base weights.
+    assert set(loaded_version_ids()) == {base.pk, version.pk}
+    assert loaded_weights_paths() == [base.artifact_path]

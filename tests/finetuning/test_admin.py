@@ -90,6 +90,7 @@ def test_start_fine_tuning_from_the_dataset_page_queues_a_job(
     dataset = dataset_factory()
     url = reverse("admin:finetuning_dataset_finetune", args=[dataset.pk])
     form = {
+        **_full_form(),
         "method": "lora",
         "epochs": 1,
         "max_steps": 2,
@@ -135,3 +136,67 @@ def test_a_curator_without_permission_cannot_start_jobs(client, django_user_mode
     response = client.post(reverse("admin:finetuning_dataset_finetune", args=[dataset.pk]), {"method": "lora"})
     assert response.status_code == 403
     assert not FineTuningJob.objects.exists()
+
+
+def test_a_finished_job_page_shows_progress_the_loss_chart_and_its_snapshot(curator, base_version, dataset_factory):
+    from finetuning.services.jobs import job_execute, job_start
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 4, "batch_size": 4, "max_seq_length": 128})
+    job_execute(job_id=job.pk)
+    page = curator.get(reverse("admin:finetuning_finetuningjob_change", args=[job.pk])).content.decode()
+    assert '<progress value="100" max="100"' in page and "4 / 4" in page
+    assert "<svg" in page and "<polyline" in page and "validation loss" in page
+    assert job.snapshot.sha256 in page and "unassigned chosen by content hash" in page
+    assert 'http-equiv="refresh"' not in page  # finished: nothing left to watch
+    assert "Cancel this job" not in page
+    version_page = curator.get(reverse("admin:finetuning_modelversion_change", args=[job.model_version.pk]))
+    assert "<polyline" in version_page.content.decode() and "Retrain exactly" in version_page.content.decode()
+
+
+def test_a_running_job_page_refreshes_and_can_be_cancelled(curator, base_version, dataset_factory):
+    from finetuning.services.jobs import job_start
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 4})
+    FineTuningJob.objects.filter(pk=job.pk).update(
+        status="running", step=2, total_steps=8, progress=0.25, eta_seconds=95, loss_history=[[1, 3.2], [2, 2.9]]
+    )
+    url = reverse("admin:finetuning_finetuningjob_change", args=[job.pk])
+    page = curator.get(url).content.decode()
+    assert 'http-equiv="refresh"' in page and "2 / 8" in page and "about 1 min 35 s" in page
+    assert "Cancel this job" in page and "<polyline" in page
+    response = curator.post(reverse("admin:finetuning_finetuningjob_cancel", args=[job.pk]), follow=True)
+    assert "will stop at its next training step" in response.content.decode()
+    job.refresh_from_db()
+    assert job.cancel_requested_at is not None and job.status == "running"
+
+
+def test_retrain_from_the_version_page_queues_the_same_recipe(curator, base_version, dataset_factory):
+    from finetuning.services.jobs import job_execute, job_start
+
+    first = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 2, "batch_size": 4, "seed": 5})
+    version = job_execute(job_id=first.pk)
+    response = curator.post(reverse("admin:finetuning_modelversion_retrain", args=[version.pk]))
+    again = FineTuningJob.objects.exclude(pk=first.pk).get()
+    assert response.status_code == 302 and response.url.endswith(f"/{again.pk}/change/")
+    assert again.snapshot_id == first.snapshot_id and again.hyperparameters == first.hyperparameters
+
+
+def test_starting_on_a_busy_dataset_says_why_on_the_form(curator, base_version, dataset_factory):
+    from finetuning.services.jobs import job_start
+
+    dataset = dataset_factory()
+    running = job_start(dataset=dataset, hyperparameters={})
+    response = curator.post(
+        reverse("admin:finetuning_dataset_finetune", args=[dataset.pk]),
+        _full_form(),
+    )
+    assert response.status_code == 200
+    assert f"already has a queued fine-tuning job (job {running.pk})" in response.content.decode()
+    assert FineTuningJob.objects.count() == 1
+
+
+def _full_form():
+    from finetuning.forms import FineTuneForm
+
+    form = FineTuneForm()
+    return {name: field.initial for name, field in form.fields.items()}

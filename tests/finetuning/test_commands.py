@@ -1,6 +1,8 @@
 import pytest
 from django.contrib.auth import get_user_model
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
+
+from finetuning.models import FineTuningJob
 
 
 @pytest.mark.django_db
@@ -21,3 +23,64 @@ def test_ensure_admin_takes_the_password_from_the_environment(capsys, monkeypatc
     call_command("ensure_admin", "--username", "curator")
     assert "from-the-env-123" not in capsys.readouterr().out
     assert get_user_model().objects.get(username="curator").check_password("from-the-env-123")
+
+
+@pytest.fixture
+def worker_inline(monkeypatch):
+    """Stands in for the broker and a worker: a queued job runs as soon as it is committed."""
+    from finetuning import tasks
+    from finetuning.services.jobs import job_execute
+
+    monkeypatch.setattr(tasks.job_run, "apply_async", lambda args, **kwargs: job_execute(job_id=args[0]))
+
+
+@pytest.mark.django_db(transaction=True)  # the job is queued on commit, as in production
+def test_finetune_waits_with_a_progress_bar_and_names_the_new_version(
+    base_version, dataset_factory, worker_inline, capsys
+):
+    dataset_factory()
+    call_command(
+        "finetune",
+        "--dataset",
+        "shop",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "128",
+        "--wait",
+    )
+    out, err = capsys.readouterr()
+    assert "queued on shop: snapshot" in out and "train / " in out
+    assert "succeeded" in out and "version shop-job" in out and "validation loss" in out
+    assert "2/2" in err  # tqdm's bar
+    assert FineTuningJob.objects.get().status == "succeeded"
+
+
+def test_finetune_refuses_bad_input_with_one_line_and_queues_nothing(base_version, dataset_factory):
+    dataset_factory()
+    with pytest.raises(CommandError, match=r"bad hyperparameters: --learning-rate: must be between .*--lora-r"):
+        call_command("finetune", "--dataset", "shop", "--learning-rate", "5", "--lora-r", "0")
+    with pytest.raises(CommandError, match="no dataset named 'nope'"):
+        call_command("finetune", "--dataset", "nope")
+    assert not FineTuningJob.objects.exists()
+
+
+def test_finetune_cancels_a_job(base_version, dataset_factory, capsys):
+    dataset_factory()
+    call_command("finetune", "--dataset", "shop")
+    job = FineTuningJob.objects.get()
+    call_command("finetune", "--cancel", str(job.pk))
+    assert f"Job {job.pk} cancelled." in capsys.readouterr().out
+    with pytest.raises(CommandError, match="already cancelled"):
+        call_command("finetune", "--cancel", str(job.pk))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_finetune_wait_fails_with_the_jobs_error(base_version, dataset_factory, model_store, worker_inline):
+    dataset_factory()
+    for path in (model_store / "base" / "tiny-llama").glob("*.safetensors"):
+        path.unlink()  # the base weights vanish after the start
+    with pytest.raises(CommandError, match=r"job \d+ failed: "):
+        call_command("finetune", "--dataset", "shop", "--max-steps", "2", "--wait")
