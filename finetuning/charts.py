@@ -56,8 +56,7 @@ def loss_chart(series):
             )
             if len(points) <= 30:  # few points (validation): mark them
                 lines.extend(
-                    format_html('<circle cx="{}" cy="{}" r="2.5" fill="{}"/>', x(s), y(v), colour)
-                    for s, v in points
+                    format_html('<circle cx="{}" cy="{}" r="2.5" fill="{}"/>', x(s), y(v), colour) for s, v in points
                 )
     legend = format_html_join(
         "",

@@ -74,7 +74,9 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
     assert math.isfinite(version.metrics["final_train_loss"]) and version.metrics["validation_loss"] < 10
 
     adapter = store.absolute(version.artifact_path) / "adapter_model.safetensors"
-    assert adapter.stat().st_size < 20 * 2**20  # LoRA: a few MB, not another 540 MB model
+    base_weights = store.absolute(base.artifact_path) / "model.safetensors"
+    # LoRA: a few percent of the base model (19 MB with r 16 on every projection), not another 540 MB.
+    assert adapter.stat().st_size < 0.05 * base_weights.stat().st_size
 
     version_activate(version=version)
     tuned = generate()
