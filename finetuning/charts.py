@@ -42,7 +42,7 @@ def loss_chart(series):
     x_labels = format_html_join(
         "",
         '<text x="{}" y="{}" font-size="11" text-anchor="middle" fill="#666">{}</text>',
-        ((x(v), HEIGHT - 8, round(v)) for v in _ticks(x_low, x_high)),
+        ((x(v), HEIGHT - 8, v) for v in sorted({round(v) for v in _ticks(x_low, x_high)})),
     )
     lines = []
     for _, colour, points in series:
