@@ -34,10 +34,11 @@ prepare: install
 	$(BIN)/python manage.py ensure_admin
 
 # Web, a training worker and a scheduler worker (the periodic stale-job check)
-# together; Ctrl-C stops all three.
+# together; Ctrl-C stops all three. The trap clears itself first: `kill 0` also
+# signals this shell, and a trap that fires again recurses until bash crashes.
 run: prepare
 	@echo "genapi: http://$(HOST):$(PORT)/admin/  http://$(HOST):$(PORT)/api/docs/"
-	@trap 'kill 0' INT TERM EXIT; \
+	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
 	$(BIN)/celery -A genapi worker -Q training -c 1 --max-tasks-per-child 1 -n training@%h -l info & \
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info & \
 	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload & \
