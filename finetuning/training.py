@@ -216,6 +216,32 @@ def runtime_environment():
     }
 
 
+def dropout_module(p):
+    """``nn.Dropout(p)`` for LoRA inputs on the CPU, with its mask drawn as
+    16-bit integers (p rounded to 1/32768) instead of by torch's Bernoulli
+    sampler: measured here, PEFT's dropout masks took 15% of a LoRA step on
+    SmolLM2 (420 draws per step), and these cost a half to a third of that."""
+    import torch
+
+    class IntegerMaskDropout(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 32768)
+
+        def forward(self, x):
+            if not self.training or not self.threshold:
+                return x
+            # random_() on int16 is uniform over 0..32767.
+            dropped = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_() < self.threshold
+            return (x * (1 / (1 - self.p))).masked_fill_(dropped, 0.0)
+
+        def extra_repr(self):
+            return f"p={self.p}"
+
+    return IntegerMaskDropout(p)
+
+
 def _load_model(base_dir, hp, device):
     import torch
     from transformers import AutoModelForCausalLM
@@ -234,6 +260,12 @@ def _load_model(base_dir, hp, device):
                 task_type="CAUSAL_LM",
             ),
         )
+        if device == "cpu" and hp.lora_dropout:
+            for module in model.modules():
+                dropouts = getattr(module, "lora_dropout", None)
+                if isinstance(dropouts, torch.nn.ModuleDict):
+                    for name in list(dropouts):
+                        dropouts[name] = dropout_module(hp.lora_dropout)
     model.train()
     return model
 

@@ -125,3 +125,19 @@ def test_training_reports_padding_and_evaluates_at_each_epoch(tiny_checkpoint, t
     assert [step for step, _ in result.validation_history] == [4, 8]
     assert result.padding_share < 0.25 and result.target_tokens > 0
     assert result.computed_tokens < result.real_tokens  # shared prefixes were computed once per batch
+
+
+def test_the_lora_input_dropout_drops_p_and_keeps_the_expected_value(tiny_checkpoint):
+    import torch
+
+    from finetuning.training import _load_model, dropout_module
+
+    dropout = dropout_module(0.1).train()
+    x = torch.ones(400, 500)
+    y = dropout(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01  # survivors scaled by 1/(1-p)
+    assert torch.equal(dropout.eval()(x), x)
+    model = _load_model(tiny_checkpoint, hyperparameters_parse({"lora_dropout": 0.1}), "cpu")
+    swapped = [m for m in model.modules() if type(m).__name__ == "IntegerMaskDropout"]
+    assert len(swapped) == 2 * 7 and all(m.p == 0.1 for m in swapped)  # every LoRA module of both layers
