@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from finetuning import store
 from finetuning.models import Dataset, ModelVersion
-from finetuning.services.jobs import job_execute, job_start
+from finetuning.services.jobs import job_execute, job_retrain, job_start
 from finetuning.services.versions import version_activate
 from inference.loader import loaded_version_ids, loaded_weights_paths
 
@@ -72,6 +72,10 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
     job.refresh_from_db()
     assert job.status == "succeeded", job.error
     assert math.isfinite(version.metrics["final_train_loss"]) and version.metrics["validation_loss"] < 10
+
+    # Retrained on its own snapshot and recipe: the same final loss (reproducibility on the CPU).
+    again = job_execute(job_id=job_retrain(version=version).pk)
+    assert abs(again.metrics["final_train_loss"] - version.metrics["final_train_loss"]) < 1e-4
 
     adapter = store.absolute(version.artifact_path) / "adapter_model.safetensors"
     base_weights = store.absolute(base.artifact_path) / "model.safetensors"
