@@ -254,9 +254,13 @@ class _Progress:
             self.first_step_at = (now, step)
         self.history.append([step, round(loss, 5)])
         if self._cancel_requested(now):
+            self._write(step, total, now)  # the job shows where it stopped
             raise TrainingCancelled(f"cancelled at step {step} of {total}")
         if step < total and now - self.last_write < settings.JOB_PROGRESS_SECONDS:
             return
+        self._write(step, total, now)
+
+    def _write(self, step, total, now):
         self.last_write = now
         started, first = self.first_step_at
         eta = (now - started) / (step - first) * (total - step) if step > first else None

@@ -239,7 +239,7 @@ def test_a_cancel_during_training_stops_at_the_next_step_and_leaves_nothing(
     monkeypatch.setattr(jobs, "CANCEL_CHECK_SECONDS", 0)
     assert job_execute(job_id=job.pk) is None
     job.refresh_from_db()
-    assert job.status == "cancelled" and "cancelled at step 3 of" in job.error
+    assert job.status == "cancelled" and "cancelled at step 3 of" in job.error and job.step == 3
     assert not ModelVersion.objects.filter(job=job).exists()
     assert ModelVersion.objects.get(is_active=True) == base_version
     assert not any((model_store / "versions").iterdir())
