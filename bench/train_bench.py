@@ -85,19 +85,15 @@ def base_dir_get():
 def examples_load(path, count):
     """The first ``count`` examples the importer would make of ``path``, in file order."""
     from finetuning.services.examples import ExampleError, example_clean
-    from finetuning.services.importing import mapping_parse
+    from finetuning.services.importing import mapping_parse, row_to_example
 
     mapping = mapping_parse(ADIDAS_MAPPING)
     examples, seen = [], set()
     with open(path, newline="", encoding="utf-8-sig") as handle:
         for row in csv.DictReader(handle):
-            values = {}
-            for target, columns in mapping.items():
-                # Joined as the importer joins a TARGET=COLUMN+COLUMN mapping.
-                values[target] = " / ".join(part for part in (str(row.get(c) or "").strip() for c in columns) if part)
-            description = values.pop("description")
+            attributes, description, _ = row_to_example(row, mapping, {})
             try:
-                fields = example_clean(attributes=values, description=description)
+                fields = example_clean(attributes=attributes, description=description)
             except ExampleError:
                 continue
             if fields["content_hash"] in seen:
@@ -186,7 +182,7 @@ def plain_encode(tokenizer, examples, max_seq_length):
 def plain_run(base_dir, examples, *, batch_size, max_seq_length):
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -196,6 +192,7 @@ def plain_run(base_dir, examples, *, batch_size, max_seq_length):
     )
 
     from finetuning.hyperparameters import Hyperparameters
+    from finetuning.training import lora_config
 
     hp = Hyperparameters()
     cuda = torch.cuda.is_available()
@@ -203,16 +200,7 @@ def plain_run(base_dir, examples, *, batch_size, max_seq_length):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     rows, target_tokens = plain_encode(tokenizer, examples, max_seq_length)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.lora_target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(model, lora_config(hp))
     collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
     with tempfile.TemporaryDirectory(prefix="train-bench-") as output_dir:
         trainer = Trainer(
@@ -260,17 +248,15 @@ def warm_up(base_dir, *, batch_size, max_seq_length, steps):
     thread-pool start-up); without this, whichever side ran first paid for it
     and the ratio depended on the order."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from finetuning.hyperparameters import Hyperparameters
+    from finetuning.training import lora_config
 
     hp = Hyperparameters()
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, target_modules=list(hp.lora_target_modules)),
-    )
+    model = get_peft_model(model, lora_config(hp))
     generator = torch.Generator().manual_seed(SEED)
     for step in range(steps):
         length = max_seq_length // 2 + step * max_seq_length // (2 * max(steps, 1))

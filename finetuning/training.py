@@ -244,24 +244,27 @@ def dropout_module(p):
     return IntegerMaskDropout(p)
 
 
+def lora_config(hp):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.lora_target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
 def _load_model(base_dir, hp, device):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).to(device)
     if hp.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=hp.lora_r,
-                lora_alpha=hp.lora_alpha,
-                lora_dropout=hp.lora_dropout,
-                target_modules=list(hp.lora_target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
+        model = get_peft_model(model, lora_config(hp))
         if device == "cpu" and hp.lora_dropout:
             for module in model.modules():
                 dropouts = getattr(module, "lora_dropout", None)

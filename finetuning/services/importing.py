@@ -105,7 +105,7 @@ def _read_jsonl(path):
     return columns, rows
 
 
-def _row_to_example(row, mapping, constants):
+def row_to_example(row, mapping, constants):
     """Build (attributes, description, split) from one row under a mapping."""
     if mapping is None and isinstance(row.get("attributes"), dict):
         # The native JSONL format: {"attributes": {...}, "description": ..., "split": ...}
@@ -165,7 +165,7 @@ def examples_import(
     summary = ImportSummary(dataset=dataset_name, rows=len(rows))
     cleaned = {}
     for number, row in rows:
-        attributes, description, split = _row_to_example(row, mapping, constants)
+        attributes, description, split = row_to_example(row, mapping, constants)
         try:
             fields = example_clean(attributes=attributes, description=description, split=split)
         except ExampleError as exc:

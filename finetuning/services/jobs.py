@@ -25,7 +25,7 @@ from finetuning import store
 from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
-from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read
+from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
 from finetuning.services.versions import version_register
 from finetuning.training import TrainingCancelled, planned_steps
 
@@ -69,7 +69,7 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None
     base_model = settings.BASE_MODEL_NAME
     if not _base_prepared(base_model):
         raise JobError(f"base model {base_model} is not prepared; run `python manage.py prepare_base_model`")
-    active = FineTuningJob.objects.filter(dataset=dataset, status__in=FineTuningJob.ACTIVE).first()
+    active = _active_job(dataset)
     if active:
         raise _busy(dataset, active)
     try:
@@ -78,7 +78,7 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None
         elif snapshot.dataset_id != dataset.pk:
             raise JobError(f"snapshot {snapshot.sha256[:12]} belongs to dataset {snapshot.dataset}, not {dataset}")
         else:
-            snapshot_read(snapshot)  # still there and unchanged
+            snapshot_verify(snapshot)
     except SnapshotError as exc:
         raise JobError(str(exc)) from exc
     try:
@@ -94,11 +94,15 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None
             # After commit, so that the worker never looks for a row that isn't there yet.
             transaction.on_commit(functools.partial(_enqueue, job.pk, job.time_limit_seconds))
     except IntegrityError as exc:  # another start on this dataset won the race
-        active = FineTuningJob.objects.filter(dataset=dataset, status__in=FineTuningJob.ACTIVE).first()
+        active = _active_job(dataset)
         if active is None:
             raise
         raise _busy(dataset, active) from exc
     return job
+
+
+def _active_job(dataset):
+    return FineTuningJob.objects.filter(dataset=dataset, status__in=FineTuningJob.ACTIVE).first()
 
 
 def _busy(dataset, active):

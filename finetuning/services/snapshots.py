@@ -87,8 +87,12 @@ def snapshot_freeze(*, dataset):
     payload = ("\n".join(lines) + "\n").encode()
     sha = hashlib.sha256(payload).hexdigest()
     existing = DataSnapshot.objects.filter(sha256=sha).first()
-    if existing and _intact(existing):
-        return existing
+    if existing:
+        try:
+            snapshot_verify(existing)
+            return existing
+        except SnapshotError:
+            pass  # the file went missing: write it again below
     relpath = store.snapshot_relpath(sha)
     path = store.absolute(relpath)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,19 +116,19 @@ def snapshot_freeze(*, dataset):
         return DataSnapshot.objects.get(sha256=sha)
 
 
-def _intact(snapshot):
-    path = store.absolute(snapshot.path)
-    return path.is_file() and store.file_sha256(path) == snapshot.sha256
-
-
-def snapshot_read(snapshot):
-    """(train rows, validation rows) from the snapshot file, after checking
-    that the file is the one that was frozen."""
+def snapshot_verify(snapshot):
+    """The snapshot file's path, once it is known to be the file that was frozen."""
     path = store.absolute(snapshot.path)
     if not path.is_file():
         raise SnapshotError(f"data snapshot {snapshot.path} is missing from the model store")
     if store.file_sha256(path) != snapshot.sha256:
         raise SnapshotError(f"data snapshot {snapshot.path} does not match its sha256: it was changed after freezing")
+    return path
+
+
+def snapshot_read(snapshot):
+    """(train rows, validation rows) from the verified snapshot file."""
+    path = snapshot_verify(snapshot)
     train, validation = [], []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
