@@ -3,13 +3,15 @@
 import logging
 
 from django.db import connection
+from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetuning.selectors import active_version_get, version_list
-from inference.generation import GenerationParams, PromptTooLong
+from inference.engine import QueueFull
+from inference.generation import GenerationParams, GenerationTimeout, PromptTooLong
 from inference.loader import ModelUnavailable, model_get
 from inference.serializers import (
     ErrorSerializer,
@@ -18,7 +20,7 @@ from inference.serializers import (
     ModelListSerializer,
     ReadySerializer,
 )
-from inference.services import text_generate
+from inference.services import generation_begin, run_events, run_result
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +34,19 @@ class GenerateView(APIView):
         request=GenerateRequestSerializer,
         responses={
             200: GenerateResponseSerializer,
+            (200, "text/event-stream"): OpenApiResponse(
+                description="With `stream: true`: server-sent events. `event: chunk` with "
+                '`{"index": 0, "text": "..."}` for each piece of text as it is produced; then `event: done` with '
+                "the same body as the JSON answer (whole text, finish reasons, usage, model version, timings); or "
+                '`event: error` with `{"detail": "...", "status": 504}` if the time limit passes. Disconnecting '
+                "stops the generation."
+            ),
             400: OpenApiResponse(description="Invalid request: the body names each bad field and the reason."),
-            503: OpenApiResponse(ErrorSerializer, description="No model version can be loaded."),
+            503: OpenApiResponse(
+                ErrorSerializer,
+                description="No model version can be loaded, or the queue is full (then with a Retry-After header).",
+            ),
+            504: OpenApiResponse(ErrorSerializer, description="The answer took longer than the time limit."),
         },
         examples=[
             OpenApiExample(
@@ -71,7 +84,13 @@ class GenerateView(APIView):
                     ],
                     "usage": {"prompt_tokens": 98, "completion_tokens": 61, "total_tokens": 159},
                     "seed": None,
-                    "timings": {"load_ms": 0.1, "generate_ms": 3900.0, "total_ms": 3905.2, "tokens_per_second": 15.6},
+                    "timings": {
+                        "load_ms": 0.1,
+                        "first_token_ms": 180.2,
+                        "generate_ms": 3900.0,
+                        "total_ms": 3905.2,
+                        "tokens_per_second": 15.6,
+                    },
                 },
             ),
         ],
@@ -80,9 +99,9 @@ class GenerateView(APIView):
         serializer = GenerateRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        params = GenerationParams(**{key: data[key] for key in _PARAMS})
+        params = GenerationParams(**{key: data[key] for key in _PARAMS}, stop=tuple(data["stop"]))
         try:
-            body = text_generate(
+            run = generation_begin(
                 params=params, product=data.get("product"), prompt=data.get("prompt"), version=data.get("model_version")
             )
         except PromptTooLong as exc:
@@ -91,7 +110,23 @@ class GenerateView(APIView):
         except ModelUnavailable as exc:
             logger.error("Generation refused: %s", exc)
             return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return Response(body)
+        except QueueFull as exc:
+            return Response(
+                {"detail": str(exc)},
+                status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+        headers = {"X-Model-Version": run.version.name, "X-Model-Version-Id": str(run.version.pk)}
+        if data["stream"]:
+            response = StreamingHttpResponse(run_events(run), content_type="text/event-stream", headers=headers)
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"  # nginx: pass each event on as it comes
+            return response
+        try:
+            body = run_result(run)
+        except GenerationTimeout as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_504_GATEWAY_TIMEOUT, headers=headers)
+        return Response(body, headers=headers)
 
 
 class ModelListView(APIView):

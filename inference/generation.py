@@ -1,11 +1,17 @@
-"""Text generation from a loaded model version."""
+"""Generation from a loaded model version, through its serving engine."""
 
-import secrets
-import time
 from dataclasses import dataclass
+
+from django.conf import settings
+
+from inference.engine import EngineClosed, Sampling
 
 
 class PromptTooLong(ValueError):
+    pass
+
+
+class GenerationTimeout(Exception):
     pass
 
 
@@ -18,69 +24,73 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     num_return_sequences: int = 1
+    stop: tuple = ()  # stop sequences: the text ends before the first one
 
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop": the model ended its answer; "length": max_new_tokens reached
-    tokens: int
+    def sampling(self):
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+        )
 
 
 @dataclass
 class GenerationResult:
-    completions: list
+    completions: list  # engine.Completion, by index
     prompt_tokens: int
     seed: int | None
     generate_seconds: float
+    first_token_seconds: float | None
 
 
-def generate(loaded, prompt_text, params):
-    import torch
+def generation_submit(loaded, prompt_text, params, *, timeout=None):
+    """Queue a generation with ``loaded``'s engine; returns (Generation, prompt tokens).
+    Raises PromptTooLong, or engine.QueueFull when the queue is full."""
+    from inference.loader import model_get
 
-    tokenizer = loaded.tokenizer
-    encoded = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)
-    input_ids = encoded["input_ids"]
-    prompt_tokens = input_ids.shape[1]
-    if prompt_tokens + params.max_new_tokens > loaded.max_positions:
+    prompt_ids = loaded.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + params.max_new_tokens > loaded.max_positions:
         raise PromptTooLong(
-            f"the prompt is {prompt_tokens} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
+            f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
             f"the model's {loaded.max_positions}-token context"
         )
-    sampling = params.temperature > 0
-    kwargs = {
-        "max_new_tokens": params.max_new_tokens,
-        "do_sample": sampling,
-        "num_return_sequences": params.num_return_sequences,
-        "repetition_penalty": params.repetition_penalty,
-        "eos_token_id": loaded.stop_token_ids,
-        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else loaded.stop_token_ids[0],
-    }
-    if sampling:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-    else:
-        # The checkpoint's generation_config may carry sampling defaults; greedy means greedy.
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    seed = params.seed
-    if sampling and seed is None:
-        seed = secrets.randbelow(2**31)
-    # Versions on one base model share its modules (and torch RNG is global): they take turns.
-    with loaded.use() as model, torch.inference_mode():
-        started = time.monotonic()
-        if sampling:
-            torch.manual_seed(seed)
-        output = model.generate(input_ids=input_ids, attention_mask=encoded["attention_mask"], **kwargs)
-        seconds = time.monotonic() - started
-    stops = set(loaded.stop_token_ids)
-    completions = []
-    for row in output[:, prompt_tokens:].tolist():
-        cut = next((i for i, token in enumerate(row) if token in stops), None)
-        tokens = row if cut is None else row[:cut]
-        completions.append(
-            Completion(
-                text=tokenizer.decode(tokens, skip_special_tokens=True).strip(),
-                finish_reason="length" if cut is None else "stop",
-                tokens=len(tokens) if cut is None else cut + 1,
+    while True:
+        try:
+            generation = loaded.engine.submit(
+                prompt_ids=prompt_ids,
+                sampling=params.sampling(),
+                n=params.num_return_sequences,
+                max_new_tokens=params.max_new_tokens,
+                stops=params.stop,
+                adapter=loaded.adapter,
+                timeout=settings.GENERATE_TIMEOUT_SECONDS if timeout is None else timeout,
             )
-        )
-    return GenerationResult(completions=completions, prompt_tokens=prompt_tokens, seed=seed, generate_seconds=seconds)
+            return generation, len(prompt_ids)
+        except EngineClosed:
+            # The cache unloaded these weights between model_get() and here: load them again.
+            loaded = model_get(loaded.version)
+
+
+def generation_collect(generation, prompt_tokens):
+    """Wait for every sequence of ``generation``."""
+    completions = {}
+    for event in generation:
+        if event[0] == "done":
+            completions[event[1]] = event[2]
+    done = max(c.finished_at for c in completions.values())
+    first = generation.first_token_at
+    return GenerationResult(
+        completions=[completions[i] for i in sorted(completions)],
+        prompt_tokens=prompt_tokens,
+        seed=generation.seed,
+        generate_seconds=done - generation.submitted_at,
+        first_token_seconds=None if first is None else first - generation.submitted_at,
+    )
+
+
+def generate(loaded, prompt_text, params, *, timeout=None):
+    """Generate and wait: the whole result at once."""
+    generation, prompt_tokens = generation_submit(loaded, prompt_text, params, timeout=timeout)
+    return generation_collect(generation, prompt_tokens)

@@ -3,27 +3,30 @@
 Never called at import time or in AppConfig.ready(): that would slow
 `migrate` and the tests, and break CUDA in forked workers.
 
-Weights are loaded once per process however many versions use them: a base
-model is shared by its base version and by every LoRA version trained on it,
-each LoRA version being one named PEFT adapter on that shared model. Adapters
-are not merged (that takes a copy of the base per version): switching versions
-is free, and a LoRA version decodes a little slower than a merged copy would.
+Weights are loaded once per process however many versions use them, and each
+set of weights gets one serving engine (inference/engine.py: a scheduler
+thread batching every request on those weights). A base model is shared by its
+base version and by every LoRA version trained on it: a LoRA version is its
+adapter's low-rank matrices, applied by the engine to the rows of the batch
+that asked for that version, so one batch can mix versions.
 """
 
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.conf import settings
 
 from finetuning import store
+from inference.engine import Adapter, DecoderWeights, Engine, EngineError
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ModelUnavailable(Exception):
@@ -32,35 +35,29 @@ class ModelUnavailable(Exception):
 
 @dataclass(eq=False)
 class _Weights:
-    """One artifact's full weights in memory, shared by every version that uses them."""
+    """One artifact's full weights in memory and the engine that serves them."""
 
     relpath: str
     sha256: str
-    model: object  # the transformers model; LoRA layers are injected into it in place
+    decoder: DecoderWeights
     tokenizer: object
-    peft: object = None  # the PeftModel around ``model`` while at least one adapter is loaded
-    # Adapters share the model's modules and torch's RNG is global: one user at a time,
-    # whether it generates or adds and removes adapters.
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    engine: Engine
 
     @property
     def key(self):
         return (self.relpath, self.sha256)
 
-    def adapter_names(self):
-        return set(self.peft.peft_config) if self.peft is not None else set()
-
 
 @dataclass(eq=False)
 class LoadedModel:
-    version: object  # the ModelVersion, to load it again if it was unloaded under its caller
+    version: object
     name: str
     tokenizer: object
     stop_token_ids: list
     max_positions: int
     load_seconds: float
     weights: _Weights
-    adapter: str | None = None  # the PEFT adapter name of a LoRA version
+    adapter: Adapter | None = None  # a LoRA version's deltas; None runs the weights as they are
 
     @property
     def version_id(self):
@@ -71,35 +68,11 @@ class LoadedModel:
         return self.version.sha256
 
     @property
-    def base_model(self):
-        """The shared transformers model. Generate through ``use()``, never with
-        this directly: whichever adapter was selected last is still active in it."""
-        return self.weights.model
-
-    @contextmanager
-    def use(self):
-        """Hold the model of this version, alone, for one generation: takes the
-        lock shared by every version on the same weights and selects this
-        version's adapter (or disables adapters, for the base model)."""
-        loaded = self
-        while True:
-            with loaded.weights.lock:
-                weights = loaded.weights
-                if loaded.adapter is None:
-                    if weights.peft is None:
-                        yield weights.model
-                    else:
-                        with weights.peft.disable_adapter():
-                            yield weights.model
-                    return
-                if loaded.adapter in weights.adapter_names():
-                    if weights.peft.active_adapter != loaded.adapter:
-                        weights.peft.set_adapter(loaded.adapter, inference_mode=True)
-                    yield weights.peft
-                    return
-            # The cache dropped this version's adapter after model_get() returned it (other versions
-            # were asked for meanwhile): load it again, outside the lock that model_get() takes too.
-            loaded = model_get(loaded.version)
+    def engine(self):
+        """The engine to submit to. A version evicted from the cache while a
+        request holds it still answers: the request keeps its adapter and the
+        engine, which stops only once its last sequence is done."""
+        return self.weights.engine
 
 
 _cache = OrderedDict()  # (version pk, sha256) -> LoadedModel, least recently used first
@@ -117,6 +90,13 @@ def _configure_torch():
     _threads_set = True
 
 
+def _stop_token_ids(tokenizer):
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    stop_ids.discard(None)
+    stop_ids.discard(tokenizer.unk_token_id)
+    return sorted(stop_ids)
+
+
 def _weights_get(relpath, sha256, *, verify):
     """The weights of the artifact ``relpath``, loaded on first use only."""
     weights = _weights.get((relpath, sha256))
@@ -130,55 +110,39 @@ def _weights_get(relpath, sha256, *, verify):
         raise ModelUnavailable(f"the artifact {relpath} does not match its registered sha256")
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
-    model.eval()
-    weights = _Weights(relpath=relpath, sha256=sha256, model=model, tokenizer=tokenizer)
+    try:
+        decoder = DecoderWeights(model.eval(), quantize=settings.INFERENCE_QUANTIZE)
+    except EngineError as exc:
+        raise ModelUnavailable(f"{relpath}: {exc}") from exc
+    del model  # the decoder holds what it needs
+    engine = Engine(
+        decoder,
+        tokenizer,
+        stop_token_ids=_stop_token_ids(tokenizer),
+        max_batch=settings.INFERENCE_MAX_BATCH,
+        max_queue=settings.GENERATE_QUEUE_SIZE,
+        max_tokens=settings.INFERENCE_MAX_CONTEXT_TOKENS,
+        name=store.slug(relpath),
+    )
+    weights = _Weights(relpath=relpath, sha256=sha256, decoder=decoder, tokenizer=tokenizer, engine=engine)
     _weights[weights.key] = weights
-    logger.info("Loaded the weights of %s", relpath)
+    logger.info(
+        "Loaded the weights of %s (%s, %.0f MB)", relpath, settings.INFERENCE_QUANTIZE, decoder.nbytes() / 2**20
+    )
     return weights
 
 
-def _adapter_add(weights, directory, adapter):
-    from peft import PeftModel
+def _adapter_read(directory, weights, name):
+    from safetensors.torch import load_file
 
-    # PEFT falls back to adapter_model.bin, a pickle, when the safetensors file is missing.
+    # PEFT falls back to adapter_model.bin, a pickle, when the safetensors file is missing; never here.
     if not (directory / ADAPTER_WEIGHTS).is_file():
         raise ModelUnavailable(f"{directory} has no {ADAPTER_WEIGHTS}")
-    with weights.lock:
-        if adapter in weights.adapter_names():
-            return
-        try:
-            if weights.peft is None:
-                weights.peft = PeftModel.from_pretrained(weights.model, directory, adapter_name=adapter)
-            else:
-                weights.peft.load_adapter(directory, adapter_name=adapter)
-        except Exception:
-            # PEFT injects an adapter's layers before it loads their weights: never leave half an
-            # adapter in the shared model.
-            if weights.peft is not None:
-                _adapter_drop(weights, adapter)
-            else:
-                # from_pretrained() failed after changing the model in place, and returned no handle
-                # to undo it: forget these weights; the next request loads them anew.
-                _weights.pop(weights.key, None)
-                for key in [key for key, loaded in _cache.items() if loaded.weights is weights]:
-                    del _cache[key]
-            raise
-
-
-def _adapter_drop(weights, adapter):
-    """Delete ``adapter`` from the shared model; the caller holds ``weights.lock``."""
-    if adapter not in weights.adapter_names():
-        return
-    remaining = sorted(weights.adapter_names() - {adapter})
-    if not remaining:
-        # The bare model again, without LoRA layers: the base version runs at full speed.
-        weights.model = weights.peft.unload()
-        weights.peft = None
-        return
-    if weights.peft.active_adapter == adapter:
-        # disable_adapter() needs an active adapter that exists.
-        weights.peft.set_adapter(remaining[0], inference_mode=True)
-    weights.peft.delete_adapter(adapter)
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    try:
+        return Adapter(name, load_file(directory / ADAPTER_WEIGHTS), config, weights.decoder)
+    except EngineError as exc:
+        raise ModelUnavailable(f"{directory.name}: {exc}") from exc
 
 
 def _load(version):
@@ -192,17 +156,7 @@ def _load(version):
     if store.manifest_read(store.absolute(base_relpath))["sha256"] != base_sha:
         raise ModelUnavailable(f"the base model of {version.name} is not the one it was trained on")
     weights = _weights_get(base_relpath, base_sha, verify=True)
-    # Unique per cache key: a version whose artifact changed gets an adapter of its own.
-    adapter = f"version_{version.pk}_{version.sha256[:12]}"
-    _adapter_add(weights, directory, adapter)
-    return weights, adapter
-
-
-def _evict(loaded):
-    if loaded.adapter is not None:
-        with loaded.weights.lock:
-            _adapter_drop(loaded.weights, loaded.adapter)
-    _weights_prune()
+    return weights, _adapter_read(directory, weights, version.name)
 
 
 def _weights_prune():
@@ -210,7 +164,7 @@ def _weights_prune():
     the last generation holding them is done."""
     used = {id(loaded.weights) for loaded in _cache.values()}
     for key in [key for key, weights in _weights.items() if id(weights) not in used]:
-        del _weights[key]
+        _weights.pop(key).engine.close()
         logger.info("Unloaded the weights of %s (no version uses them)", key[0])
 
 
@@ -235,16 +189,12 @@ def model_get(version):
         except BaseException:
             _weights_prune()
             raise
-        tokenizer = weights.tokenizer
-        stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        stop_ids.discard(None)
-        stop_ids.discard(tokenizer.unk_token_id)
         loaded = LoadedModel(
             version=version,
             name=version.name,
-            tokenizer=tokenizer,
-            stop_token_ids=sorted(stop_ids),
-            max_positions=weights.model.config.max_position_embeddings,
+            tokenizer=weights.tokenizer,
+            stop_token_ids=sorted(weights.engine.stop_token_ids),
+            max_positions=weights.engine.max_tokens,
             load_seconds=time.monotonic() - started,
             weights=weights,
             adapter=adapter,
@@ -252,8 +202,8 @@ def model_get(version):
         logger.info("Loaded model version %s in %.1f s", version.name, loaded.load_seconds)
         _cache[key] = loaded
         while len(_cache) > max(1, settings.INFERENCE_MAX_LOADED_VERSIONS):
-            evicted_key, evicted = _cache.popitem(last=False)
-            _evict(evicted)
+            evicted_key, _ = _cache.popitem(last=False)
+            _weights_prune()
             logger.info("Unloaded model version %s (cache full)", evicted_key[0])
         return loaded
 
@@ -261,6 +211,8 @@ def model_get(version):
 def cache_clear():
     with _cache_lock:
         _cache.clear()
+        for weights in _weights.values():
+            weights.engine.close()
         _weights.clear()
 
 

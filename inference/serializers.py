@@ -8,6 +8,8 @@ from finetuning.selectors import version_get
 
 MAX_EXTRA_ATTRIBUTES = 20
 MIN_SAMPLING_TEMPERATURE = 0.01
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 
 
 class FiniteFloatField(serializers.FloatField):
@@ -18,6 +20,20 @@ class FiniteFloatField(serializers.FloatField):
         if not math.isfinite(value):
             self.fail("invalid")
         return value
+
+
+class StopField(serializers.ListField):
+    """A string or a list of up to four (as in OpenAI's API)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(
+            child=serializers.CharField(max_length=MAX_STOP_CHARS, trim_whitespace=False),
+            max_length=MAX_STOP_SEQUENCES,
+            **kwargs,
+        )
+
+    def to_internal_value(self, data):
+        return super().to_internal_value([data] if isinstance(data, str) else data)
 
 
 class ProductSerializer(serializers.Serializer):
@@ -74,6 +90,16 @@ class GenerateRequestSerializer(serializers.Serializer):
     model_version = serializers.CharField(
         required=False, max_length=100, help_text="Name or id of a model version; the active one when left out."
     )
+    stop = StopField(
+        required=False,
+        default=list,
+        help_text=f"Up to {MAX_STOP_SEQUENCES} stop sequences: the text ends before the first one, which is left out.",
+    )
+    stream = serializers.BooleanField(
+        default=False,
+        help_text="Answer with server-sent events (text/event-stream): a `chunk` event per piece of text as it is "
+        "produced, then a `done` event with the whole answer, usage and finish reasons.",
+    )
 
     def validate_temperature(self, value):
         # Dividing logits by a vanishing temperature overflows to inf/NaN.
@@ -108,7 +134,9 @@ class ModelVersionRefSerializer(serializers.Serializer):
 class ChoiceSerializer(serializers.Serializer):
     index = serializers.IntegerField()
     text = serializers.CharField()
-    finish_reason = serializers.ChoiceField(choices=["stop", "length"])
+    finish_reason = serializers.ChoiceField(
+        choices=["stop", "length"], help_text="stop: the answer ended or met a stop sequence; length: max_new_tokens."
+    )
 
 
 class UsageSerializer(serializers.Serializer):
@@ -119,6 +147,7 @@ class UsageSerializer(serializers.Serializer):
 
 class TimingsSerializer(serializers.Serializer):
     load_ms = serializers.FloatField()
+    first_token_ms = serializers.FloatField(allow_null=True, help_text="From the request to its first token.")
     generate_ms = serializers.FloatField()
     total_ms = serializers.FloatField()
     tokens_per_second = serializers.FloatField(allow_null=True)
@@ -153,6 +182,11 @@ class ModelListSerializer(serializers.Serializer):
 
 class ErrorSerializer(serializers.Serializer):
     detail = serializers.CharField()
+
+
+class StreamChunkSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    text = serializers.CharField()
 
 
 class ReadySerializer(serializers.Serializer):

@@ -1,41 +1,124 @@
+import json
 import time
+from dataclasses import dataclass
+
+from django.conf import settings
 
 from finetuning import prompts
 from finetuning.selectors import active_version_get
-from inference.generation import generate
+from inference.generation import GenerationTimeout, generation_collect, generation_submit
 from inference.loader import ModelUnavailable, model_get
 
 
-def text_generate(*, params, product=None, prompt=None, version=None):
-    """Generate for a product (normalised attributes) or a free prompt with
-    ``version`` (the active one when None). Returns the API's response dict."""
+@dataclass
+class Run:
+    """A generation queued for a client: what answers it, and how long loading took."""
+
+    version: object
+    generation: object
+    prompt_tokens: int
+    started: float
+    load_seconds: float
+
+
+def generation_begin(*, params, product=None, prompt=None, version=None):
+    """Queue a generation for a product (normalised attributes) or a free prompt
+    with ``version`` (the active one when None, read per request: every web
+    process follows an activation at its next request, while requests in flight
+    finish on the version they started with). Raises ModelUnavailable,
+    PromptTooLong or engine.QueueFull before anything is generated."""
     started = time.monotonic()
     if version is None:
         version = active_version_get()
         if version is None:
             raise ModelUnavailable("no model version is active; run `python manage.py prepare_base_model`")
     loaded = model_get(version)
-    loaded_at = time.monotonic()
+    load_seconds = time.monotonic() - started
     prompt_text = prompts.product_prompt(product) if product is not None else prompts.free_prompt(prompt)
-    result = generate(loaded, prompt_text, params)
-    completion_tokens = sum(c.tokens for c in result.completions)
+    generation, prompt_tokens = generation_submit(loaded, prompt_text, params)
+    return Run(
+        version=version,
+        generation=generation,
+        prompt_tokens=prompt_tokens,
+        started=started,
+        load_seconds=load_seconds,
+    )
+
+
+def _timeout_message():
+    return f"the generation did not finish within GENERATE_TIMEOUT_SECONDS ({settings.GENERATE_TIMEOUT_SECONDS:g} s)"
+
+
+def _summary(run, completions, *, first_token_at, finished_at):
+    completion_tokens = sum(c.tokens for c in completions)
+    generate_seconds = finished_at - run.generation.submitted_at
     return {
-        "model_version": {"id": version.pk, "name": version.name},
-        "choices": [
-            {"index": i, "text": c.text, "finish_reason": c.finish_reason} for i, c in enumerate(result.completions)
-        ],
+        "model_version": {"id": run.version.pk, "name": run.version.name},
+        "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason} for c in completions],
         "usage": {
-            "prompt_tokens": result.prompt_tokens,
+            "prompt_tokens": run.prompt_tokens,
             "completion_tokens": completion_tokens,
-            "total_tokens": result.prompt_tokens + completion_tokens,
+            "total_tokens": run.prompt_tokens + completion_tokens,
         },
-        "seed": result.seed,
+        "seed": run.generation.seed,
         "timings": {
-            "load_ms": round((loaded_at - started) * 1000, 1),
-            "generate_ms": round(result.generate_seconds * 1000, 1),
-            "total_ms": round((time.monotonic() - started) * 1000, 1),
-            "tokens_per_second": round(completion_tokens / result.generate_seconds, 2)
-            if result.generate_seconds
-            else None,
+            "load_ms": round(run.load_seconds * 1000, 1),
+            "first_token_ms": None if first_token_at is None else round((first_token_at - run.started) * 1000, 1),
+            "generate_ms": round(generate_seconds * 1000, 1),
+            "total_ms": round((time.monotonic() - run.started) * 1000, 1),
+            "tokens_per_second": round(completion_tokens / generate_seconds, 2) if generate_seconds else None,
         },
     }
+
+
+def run_result(run):
+    """Wait for the whole answer; the API's response dict. Raises GenerationTimeout."""
+    result = generation_collect(run.generation, run.prompt_tokens)
+    if any(c.finish_reason == "timeout" for c in result.completions):
+        raise GenerationTimeout(_timeout_message())
+    return _summary(
+        run,
+        result.completions,
+        first_token_at=run.generation.first_token_at,
+        finished_at=run.generation.submitted_at + result.generate_seconds,
+    )
+
+
+def run_events(run):
+    """Server-sent events: one `chunk` per piece of text as it becomes final,
+    then `done` with the whole answer, usage and finish reasons (or `error` on
+    a timeout). Closing the iterator (the client went away) cancels the
+    generation, which leaves the batch at its next step."""
+    completions = {}
+    try:
+        for event in run.generation:
+            if event[0] == "chunk":
+                yield _event("chunk", {"index": event[1], "text": event[2]})
+                continue
+            completion = event[2]
+            if completion.finish_reason == "timeout":
+                run.generation.cancel()
+                yield _event("error", {"detail": _timeout_message(), "status": 504})
+                return
+            completions[event[1]] = completion
+        ordered = [completions[i] for i in sorted(completions)]
+        yield _event(
+            "done",
+            _summary(
+                run,
+                ordered,
+                first_token_at=run.generation.first_token_at,
+                finished_at=max(c.finished_at for c in ordered),
+            ),
+        )
+    finally:
+        run.generation.cancel()  # a no-op once every sequence is done
+
+
+def _event(name, data):
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def text_generate(*, params, product=None, prompt=None, version=None):
+    """Generate and wait: the API's response dict."""
+    return run_result(generation_begin(params=params, product=product, prompt=prompt, version=version))

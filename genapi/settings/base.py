@@ -155,6 +155,18 @@ GENERATE_MAX_NEW_TOKENS = env.int("GENERATE_MAX_NEW_TOKENS", default=256)
 GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=160)
 GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default=4)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
+# The serving engine (inference/engine.py). Sequences generated together in one batch,
+# per set of weights in a process; the queue of waiting ones (past it: 503 + Retry-After);
+# the time limit of a request, waiting included (past it: 504); the key/value cache
+# length of a sequence (prompt + new tokens).
+INFERENCE_MAX_BATCH = env.int("INFERENCE_MAX_BATCH", default=8)
+GENERATE_QUEUE_SIZE = env.int("GENERATE_QUEUE_SIZE", default=32)
+GENERATE_TIMEOUT_SECONDS = env.float("GENERATE_TIMEOUT_SECONDS", default=60.0)
+INFERENCE_MAX_CONTEXT_TOKENS = env.int("INFERENCE_MAX_CONTEXT_TOKENS", default=1024)
+# "none": fp32 weights, the same text as plain transformers. "int8": projection weights as int8
+# with one scale per output channel (a quarter of the bytes per token); check it with
+# bench/quantization_eval.py before turning it on.
+INFERENCE_QUANTIZE = env.str("INFERENCE_QUANTIZE", default="none")
 # How many model versions one process keeps in memory (least recently used goes).
 INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default=2)
 # torch threads per process; 0 keeps torch's default. On a box shared by web

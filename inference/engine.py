@@ -1,0 +1,671 @@
+"""The serving engine: continuous batching of generations on one set of weights.
+
+One engine per set of weights in a process (a base model, shared by its LoRA
+versions, or a full fine-tune). Requests from any number of web threads join a
+bounded queue; one scheduler thread admits them into a batch of up to
+``max_batch`` sequences as slots free up, runs each newcomer's prompt once
+(prefill), then advances every sequence in the batch by one token per forward
+pass. A sequence leaves the batch the moment it ends (end of answer, stop
+sequence, token limit, time limit, or its client went away), and a waiting one
+takes its slot at the next step.
+
+The decoder is a lean re-implementation of the Llama forward pass (SmolLM2 is
+a Llama) over a static key/value cache, with the same arithmetic as
+transformers' own, so greedy text equals `model.generate`'s. Plain
+`generate` spends most of a step outside the matrix products; here a step is
+the products, a few dozen element-wise operations per layer and nothing else.
+
+Weights are fp32 by default. ``quantize="int8"`` keeps the projection and
+output-head weights as int8 with one scale per output channel (weight-only:
+activations stay 16-bit) and moves a quarter of the bytes per token. LoRA
+versions are low-rank deltas applied next to the shared base projections,
+per row of the batch, so one batch mixes the base model and any adapters.
+"""
+
+import logging
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("none", "int8")
+# Above this many rows (a prompt), an int8 projection is dequantised once and run as one fp32
+# matrix product: the int8 kernel is built for the few rows of a decode step.
+_INT8_KERNEL_MAX_ROWS = 16
+
+
+class EngineError(Exception):
+    pass
+
+
+class UnsupportedModel(EngineError):
+    pass
+
+
+class EngineClosed(EngineError):
+    """The weights were unloaded after the caller got them: load the version again."""
+
+
+class QueueFull(EngineError):
+    def __init__(self, retry_after):
+        super().__init__(f"the generation queue is full; retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+# --- Weights ------------------------------------------------------------------
+
+
+class _Projection:
+    """One linear layer (several fused along the output: q|k|v, gate|up)."""
+
+    def __init__(self, weight, bias, quantize):
+        import torch
+
+        self.bias = bias
+        self.out_features = weight.shape[0]
+        if quantize == "int8":
+            scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scales = scales.to(torch.float32)
+            self.scales_bf16 = scales.to(torch.bfloat16)
+        else:
+            self.weight = weight.contiguous()
+            self.scales = None
+
+    def __call__(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        if self.scales is None:
+            return F.linear(x, self.weight, self.bias)
+        if x.shape[0] > _INT8_KERNEL_MAX_ROWS:
+            y = F.linear(x, self.weight.to(torch.float32) * self.scales[:, None])
+        else:
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales_bf16).to(torch.float32)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self):
+        size = self.weight.numel() * self.weight.element_size()
+        return size + (0 if self.scales is None else self.scales.numel() * 6)
+
+
+@dataclass
+class _Layer:
+    input_norm: object
+    qkv: _Projection
+    o: _Projection
+    post_norm: object
+    gate_up: _Projection
+    down: _Projection
+
+
+# The projections of a layer, in the fused groups the decoder runs them in.
+GROUPS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+_MODULE_PATHS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+class DecoderWeights:
+    """A Llama-family causal LM's weights laid out for decoding."""
+
+    def __init__(self, model, *, quantize="none"):
+        import torch
+
+        if quantize not in QUANTIZE_CHOICES:
+            raise EngineError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
+        config = model.config
+        if config.model_type != "llama" or getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(
+                f"the serving engine runs Llama-family models (SmolLM2 and its fine-tunes), not {config.model_type!r}"
+            )
+        self.quantize = quantize
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.eps = config.rms_norm_eps
+        self.max_positions = config.max_position_embeddings
+        self.vocab_size = config.vocab_size
+        self.layers = []
+        with torch.no_grad():
+            for layer in model.model.layers:
+                modules = {name: layer.get_submodule(path) for name, path in _MODULE_PATHS.items()}
+
+                def fused(group, modules=modules):
+                    linears = [modules[name] for name in GROUPS[group]]
+                    weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight
+                    biases = [m.bias for m in linears]
+                    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+                    return _Projection(weight.detach().to(torch.float32), bias, quantize)
+
+                self.layers.append(
+                    _Layer(
+                        input_norm=layer.input_layernorm.weight.detach(),
+                        qkv=fused("qkv"),
+                        o=fused("o"),
+                        post_norm=layer.post_attention_layernorm.weight.detach(),
+                        gate_up=fused("gate_up"),
+                        down=fused("down"),
+                    )
+                )
+            self.norm = model.model.norm.weight.detach()
+            self.embed = model.model.embed_tokens.weight.detach()
+            self.lm_head = _Projection(model.lm_head.weight.detach(), None, quantize)
+            # transformers' own rotary module, evaluated once for every position: any rope variant the
+            # checkpoint declares, with the same arithmetic as at training time.
+            positions = torch.arange(self.max_positions)[None]
+            probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
+            cos, sin = model.model.rotary_emb(probe, positions)
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.group_slices = {
+            "qkv": {
+                "q_proj": (0, self.num_heads * self.head_dim),
+                "k_proj": (self.num_heads * self.head_dim, (self.num_heads + self.num_kv_heads) * self.head_dim),
+                "v_proj": (
+                    (self.num_heads + self.num_kv_heads) * self.head_dim,
+                    (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                ),
+            },
+            "o": {"o_proj": (0, self.hidden_size)},
+            "gate_up": {
+                "gate_proj": (0, self.layers[0].gate_up.out_features // 2),
+                "up_proj": (self.layers[0].gate_up.out_features // 2, self.layers[0].gate_up.out_features),
+            },
+            "down": {"down_proj": (0, self.hidden_size)},
+        }
+
+    def nbytes(self):
+        projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        total = sum(p.nbytes() for p in projections) + self.embed.numel() * 4
+        return total + (self.lm_head.nbytes() if self.quantize != "none" else 0)
+
+
+class Adapter:
+    """A LoRA version as plain tensors: for each layer and fused group, ``A``
+    (the groups' lora_A stacked) and ``B`` (lora_B block-diagonal, times the
+    scaling), so that delta = (x @ A.T) @ B.T."""
+
+    def __init__(self, name, state, config, decoder):
+        import torch
+
+        if config.get("use_dora") or config.get("fan_in_fan_out"):
+            raise EngineError("DoRA and fan_in_fan_out adapters are not supported")
+        r = int(config["r"])
+        alpha = float(config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        self.name = name
+        self.layers = []
+        found = 0
+        for index in range(len(decoder.layers)):
+            groups = {}
+            for group, slices in decoder.group_slices.items():
+                blocks = []
+                for projection, (start, end) in slices.items():
+                    prefix = f"base_model.model.model.layers.{index}.{_MODULE_PATHS[projection]}"
+                    a, b = state.get(f"{prefix}.lora_A.weight"), state.get(f"{prefix}.lora_B.weight")
+                    if a is None or b is None:
+                        continue
+                    if b.shape[0] != end - start:
+                        raise EngineError(f"{prefix}: lora_B has {b.shape[0]} rows, the model {end - start}")
+                    blocks.append((start, end, a.to(torch.float32), b.to(torch.float32) * scaling))
+                if not blocks:
+                    continue
+                found += len(blocks)
+                out = max(e for _, e in slices.values())  # the fused group's width
+                rank = sum(a.shape[0] for _, _, a, _ in blocks)
+                big_b = torch.zeros(out, rank)
+                offset = 0
+                for start, end, a, b in blocks:
+                    big_b[start:end, offset : offset + a.shape[0]] = b
+                    offset += a.shape[0]
+                groups[group] = (torch.cat([a for _, _, a, _ in blocks]).contiguous(), big_b)
+            self.layers.append(groups)
+        if not found:
+            raise EngineError("the adapter has no LoRA weights for this model's layers")
+
+
+# --- Requests -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    finish_reason: str  # stop | length | timeout | cancelled
+    tokens: int
+    finished_at: float = 0.0  # time.monotonic()
+
+
+class _TextStream:
+    """Incremental detokenisation with stop sequences (OpenAI semantics: the
+    text ends before the first stop sequence, which is not included). Emits
+    only text that can no longer change: not a partial UTF-8 character, not
+    the beginning of a possible stop sequence, not trailing whitespace (the
+    final text is stripped), so the chunks add up to the final text."""
+
+    def __init__(self, tokenizer, stops):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.ids = []
+        self.sent = ""
+        self.stopped = False
+
+    def _text(self):
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def push(self, token):
+        """Add a token; returns the new stable text."""
+        self.ids.append(token)
+        text = self._text()
+        if text.endswith("\ufffd"):
+            return ""
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            return self._advance(text[:cut].rstrip())
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), hold, -1):
+                if text.endswith(stop[:size]):
+                    hold = size
+                    break
+        return self._advance(text[: len(text) - hold].rstrip())
+
+    def _advance(self, stable):
+        if not stable.startswith(self.sent):
+            return ""
+        delta, self.sent = stable[len(self.sent) :], stable
+        return delta
+
+    def final(self):
+        """The whole text; the chunk not yet emitted is the tail of it."""
+        if self.stopped:
+            return self.sent, ""
+        text = self._text().strip()
+        return text, (text[len(self.sent) :] if text.startswith(self.sent) else "")
+
+
+class Generation:
+    """One request: ``n`` sequences from one prompt. Iterate for events:
+    ("chunk", index, text) as text becomes final, ("done", index, Completion)."""
+
+    def __init__(self, *, engine, prompt_ids, sampling, n, max_new_tokens, stops, adapter, deadline):
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.events = queue.SimpleQueue()
+        self.cancelled = False
+        self.deadline = deadline
+        self.submitted_at = time.monotonic()
+        self.first_token_at = None
+        seed = sampling.seed
+        if sampling.temperature > 0 and seed is None:
+            seed = secrets.randbelow(2**31)
+        self.seed = seed
+        self.sequences = [
+            _Sequence(self, i, sampling, max_new_tokens, _TextStream(engine.tokenizer, stops), adapter)
+            for i in range(n)
+        ]
+
+    def cancel(self):
+        """The client went away: its sequences leave the batch at the next step."""
+        self.cancelled = True
+
+    def __iter__(self):
+        remaining = len(self.sequences)
+        while remaining:
+            event = self.events.get()
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "done":
+                remaining -= 1
+            yield event
+
+
+@dataclass(eq=False)
+class _Sequence:
+    generation: Generation
+    index: int
+    sampling: Sampling
+    max_new_tokens: int
+    text: _TextStream
+    adapter: Adapter | None
+    tokens: list = field(default_factory=list)
+    position: int = 0  # tokens in the cache
+    generator: object = None
+    started_at: float = 0.0
+
+    def __post_init__(self):
+        import torch
+
+        if self.sampling.temperature > 0:
+            self.generator = torch.Generator().manual_seed(self.generation.seed + self.index)
+
+
+# --- The engine ---------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, decoder, tokenizer, *, stop_token_ids, max_batch, max_queue, max_tokens, name="engine"):
+        import torch
+
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_tokens = min(max_tokens, decoder.max_positions)
+        shape = (len(decoder.layers), max_batch, decoder.num_kv_heads, self.max_tokens, decoder.head_dim)
+        self._keys = torch.zeros(shape)
+        self._values = torch.zeros(shape)
+        self._pending = deque()
+        self._active = []  # the sequence in slot i of the cache is _active[i]
+        self._cond = threading.Condition()
+        self._closing = False
+        self._seconds_per_sequence = 5.0  # a running estimate, for Retry-After
+        self._thread = threading.Thread(target=self._run, name=f"genapi-{name}", daemon=True)
+        self._thread.start()
+
+    # The web threads' side.
+
+    def submit(self, *, prompt_ids, sampling, n=1, max_new_tokens, stops=(), adapter=None, timeout):
+        if len(prompt_ids) + max_new_tokens > self.max_tokens:
+            raise EngineError(
+                f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                f"the {self.max_tokens}-token context"
+            )
+        generation = Generation(
+            engine=self,
+            prompt_ids=list(prompt_ids),
+            sampling=sampling,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            stops=stops,
+            adapter=adapter,
+            deadline=time.monotonic() + timeout,
+        )
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("this model was unloaded")
+            if len(self._pending) + n > self.max_queue:
+                waiting = len(self._pending) + len(self._active)
+                retry = math.ceil(self._seconds_per_sequence * max(1, waiting) / self.max_batch)
+                raise QueueFull(max(1, retry))
+            self._pending.extend(generation.sequences)
+            self._cond.notify()
+        return generation
+
+    def load(self):
+        """(sequences in the batch, sequences waiting)."""
+        with self._cond:
+            return len(self._active), len(self._pending)
+
+    def close(self):
+        """Stop once the sequences in flight and waiting are done."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    # The scheduler thread.
+
+    def _run(self):
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._pending and not self._active:
+                        if self._closing:
+                            self._keys = self._values = None
+                            return
+                        self._cond.wait()
+                    self._sweep()
+                    admitted = []
+                    while self._pending and len(self._active) + len(admitted) < self.max_batch:
+                        admitted.append(self._pending.popleft())
+                try:
+                    for sequence in admitted:
+                        self._admit(sequence)
+                    if self._active:
+                        self._step()
+                except Exception as exc:  # never leave a client waiting on a dead batch
+                    logger.exception("Generation failed")
+                    for sequence in [*self._active, *admitted]:
+                        sequence.generation.events.put(("error", exc))
+                    self._active.clear()
+
+    def _sweep(self):
+        """Answer the waiting sequences whose client left or whose time is up, freeing their places."""
+        now = time.monotonic()
+        if not any(s.generation.cancelled or now > s.generation.deadline for s in self._pending):
+            return
+        keep = deque()
+        for sequence in self._pending:
+            if sequence.generation.cancelled:
+                self._done(sequence, "cancelled", slot=None)
+            elif now > sequence.generation.deadline:
+                self._done(sequence, "timeout", slot=None)
+            else:
+                keep.append(sequence)
+        self._pending = keep
+
+    def _admit(self, sequence):
+        import torch
+
+        generation = sequence.generation
+        if generation.cancelled:
+            return self._done(sequence, "cancelled", slot=None)
+        if time.monotonic() > generation.deadline:
+            return self._done(sequence, "timeout", slot=None)
+        slot = len(self._active)
+        self._active.append(sequence)
+        sequence.started_at = time.monotonic()
+        ids = torch.tensor(generation.prompt_ids)
+        logits = self._forward(ids[None], torch.zeros(1, dtype=torch.long), prefill=True)
+        sequence.position = len(ids)
+        self._emit(slot, sequence, logits[0])
+
+    def _step(self):
+        import torch
+
+        batch = self._active
+        tokens = torch.tensor([[s.tokens[-1]] for s in batch])
+        positions = torch.tensor([s.position for s in batch])
+        logits = self._forward(tokens, positions, prefill=False)
+        for sequence in batch:
+            sequence.position += 1
+        # From the last slot down: a finished sequence's slot is refilled by the last one.
+        for slot in range(len(batch) - 1, -1, -1):
+            self._emit(slot, batch[slot], logits[slot])
+
+    def _emit(self, slot, sequence, logits):
+        """Choose the next token of ``sequence`` from its logits; report text; end it if it is done."""
+        generation = sequence.generation
+        token = self._choose(sequence, logits)
+        sequence.tokens.append(token)
+        if generation.first_token_at is None:
+            generation.first_token_at = time.monotonic()
+        if token in self.stop_token_ids:
+            return self._done(sequence, "stop", slot=slot)
+        delta = sequence.text.push(token)
+        if delta:
+            generation.events.put(("chunk", sequence.index, delta))
+        if sequence.text.stopped:
+            return self._done(sequence, "stop", slot=slot)
+        if len(sequence.tokens) >= sequence.max_new_tokens:
+            return self._done(sequence, "length", slot=slot)
+        if generation.cancelled:
+            return self._done(sequence, "cancelled", slot=slot)
+        if time.monotonic() > generation.deadline:
+            return self._done(sequence, "timeout", slot=slot)
+
+    def _done(self, sequence, reason, *, slot):
+        text, tail = sequence.text.final()
+        generation = sequence.generation
+        if tail and reason in ("stop", "length"):
+            generation.events.put(("chunk", sequence.index, tail))
+        generation.events.put(
+            ("done", sequence.index, Completion(sequence.index, text, reason, len(sequence.tokens), time.monotonic()))
+        )
+        if slot is None:
+            return
+        if sequence.started_at:
+            seconds = time.monotonic() - sequence.started_at
+            self._seconds_per_sequence = 0.8 * self._seconds_per_sequence + 0.2 * seconds
+        last = len(self._active) - 1
+        if slot != last:
+            moved = self._active[last]
+            length = moved.position
+            self._keys[:, slot, :, :length] = self._keys[:, last, :, :length]
+            self._values[:, slot, :, :length] = self._values[:, last, :, :length]
+            self._active[slot] = moved
+        self._active.pop()
+
+    def _choose(self, sequence, logits):
+        import torch
+
+        sampling = sequence.sampling
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor(sequence.generation.prompt_ids + sequence.tokens)
+            score = logits.gather(0, seen)
+            score = torch.where(score < 0, score * sampling.repetition_penalty, score / sampling.repetition_penalty)
+            logits = logits.scatter(0, seen, score)
+        if sampling.temperature == 0:
+            return int(logits.argmax())
+        logits = logits / sampling.temperature
+        if sampling.top_k:
+            kth = torch.topk(logits, min(sampling.top_k, logits.shape[0])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if sampling.top_p < 1.0:
+            ordered, order = torch.sort(logits)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - sampling.top_p
+            drop[-1] = False
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        # Inverse-CDF sampling with one uniform draw from the sequence's own generator: the
+        # same seed gives the same tokens whatever else shares the batch.
+        cumulative = logits.softmax(-1).cumsum(-1)
+        draw = torch.rand((), generator=sequence.generator) * cumulative[-1]
+        return int(torch.searchsorted(cumulative, draw.reshape(1)).clamp(max=logits.shape[0] - 1))
+
+    # The decoder.
+
+    def _forward(self, tokens, positions, *, prefill):
+        """Logits of the last position. Prefill: ``tokens`` is [1, T], the
+        prompt of the last admitted slot. Decode: [B, 1], slot i at positions[i]."""
+        import torch
+        import torch.nn.functional as F
+
+        d = self.decoder
+        batch, length = tokens.shape
+        rows = batch * length
+        adapters = self._adapter_rows()
+        if prefill:
+            slot = len(self._active) - 1
+            adapters = [(self._active[slot].adapter, None)] if self._active[slot].adapter is not None else []
+            cos, sin = d.cos[:length], d.sin[:length]  # [T, hd]: broadcast over heads
+            mask = None
+        else:
+            cos, sin = d.cos[positions][:, None, None], d.sin[positions][:, None, None]  # [B, 1, 1, hd]
+            span = int(positions.max()) + 1
+            mask = None if batch == 1 else (torch.arange(span)[None] <= positions[:, None])[:, None, None]
+        hidden = d.embed[tokens.reshape(-1)]  # [rows, D]
+        q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        for index, layer in enumerate(d.layers):
+            x = _rms_norm(hidden, layer.input_norm, d.eps)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters)
+            q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
+            q = q.view(batch, length, d.num_heads, d.head_dim).transpose(1, 2)
+            k = k.view(batch, length, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            v = v.view(batch, length, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if prefill:
+                self._keys[index, slot, :, :length] = k[0]
+                self._values[index, slot, :, :length] = v[0]
+                attended = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=length > 1, scale=d.head_dim**-0.5, enable_gqa=True
+                )
+            else:
+                slots = torch.arange(batch)
+                self._keys[index, slots, :, positions] = k[:, :, 0]
+                self._values[index, slots, :, positions] = v[:, :, 0]
+                keys = self._keys[index, :batch, :, :span]
+                values = self._values[index, :batch, :, :span]
+                attended = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=d.head_dim**-0.5, enable_gqa=True
+                )
+            attended = attended.transpose(1, 2).reshape(rows, q_width)
+            hidden = hidden + self._project(layer.o, attended, index, "o", adapters)
+            x = _rms_norm(hidden, layer.post_norm, d.eps)
+            gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters).chunk(2, dim=-1)
+            hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters)
+        last = hidden.view(batch, length, -1)[:, -1]
+        return d.lm_head(_rms_norm(last, d.norm, d.eps))
+
+    def _adapter_rows(self):
+        """[(adapter, rows)] for the batch: rows None when every row uses it."""
+        import torch
+
+        groups = {}
+        for slot, sequence in enumerate(self._active):
+            if sequence.adapter is not None:
+                groups.setdefault(id(sequence.adapter), (sequence.adapter, []))[1].append(slot)
+        result = []
+        for adapter, slots in groups.values():
+            every = len(slots) == len(self._active)
+            result.append((adapter, None if every else torch.tensor(slots)))
+        return result
+
+    @staticmethod
+    def _project(projection, x, index, group, adapters):
+        y = projection(x)
+        for adapter, rows in adapters:
+            weights = adapter.layers[index].get(group)
+            if weights is None:
+                continue
+            a, b = weights
+            if rows is None:
+                y = y + (x @ a.T) @ b.T
+            else:
+                y = y.index_add(0, rows, (x[rows] @ a.T) @ b.T)
+        return y
+
+
+def _rms_norm(x, weight, eps):
+    import torch
+
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
