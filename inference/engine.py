@@ -486,7 +486,7 @@ class Engine:
         self._active.append(sequence)
         sequence.started_at = time.monotonic()
         ids = torch.tensor(generation.prompt_ids)
-        logits = self._forward(ids[None], torch.zeros(1, dtype=torch.long), prefill=True)
+        logits = self._forward(ids[None], None, prefill=True, slot=slot, adapter=sequence.adapter)
         sequence.position = len(ids)
         self._emit(slot, sequence, logits[0])
 
@@ -575,57 +575,72 @@ class Engine:
 
     # The decoder.
 
-    def _forward(self, tokens, positions, *, prefill):
-        """Logits of the last position. Prefill: ``tokens`` is [1, T], the
-        prompt of the last admitted slot. Decode: [B, 1], slot i at positions[i]."""
+    def logits(self, token_ids, adapter=None):
+        """The logits at every position of one sequence, with teacher forcing
+        (to score text, as evaluation does). Safe beside the scheduler: it
+        reads the weights and writes no cache."""
+        import torch
+
+        with torch.inference_mode():
+            return self._forward(torch.tensor([token_ids]), None, prefill=True, adapter=adapter, every=True)
+
+    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False):
+        """Logits of the last position (of every position with ``every``).
+        Prefill: ``tokens`` is [1, T], one sequence's prompt, its keys and values
+        kept in ``slot`` (unless None). Decode: [B, 1], slot i at positions[i]."""
         import torch
         import torch.nn.functional as F
 
         d = self.decoder
         batch, length = tokens.shape
         rows = batch * length
-        adapters = self._adapter_rows()
         if prefill:
-            slot = len(self._active) - 1
-            adapters = [(self._active[slot].adapter, None)] if self._active[slot].adapter is not None else []
+            adapters = [] if adapter is None else [(adapter, None)]
             cos, sin = d.cos[:length], d.sin[:length]  # [T, hd]: broadcast over heads
             mask = None
         else:
             cos, sin = d.cos[positions][:, None, None], d.sin[positions][:, None, None]  # [B, 1, 1, hd]
             span = int(positions.max()) + 1
-            mask = None if batch == 1 else (torch.arange(span)[None] <= positions[:, None])[:, None, None]
+            # True where a row must not look: past its own length.
+            mask = None if batch == 1 else (torch.arange(span)[None] > positions[:, None])[:, None, None]
+            slots = torch.arange(batch)
+            adapters = self._adapter_rows()
         hidden = d.embed[tokens.reshape(-1)]  # [rows, D]
-        q_width, kv_width = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        heads, kv_heads, scale = d.num_heads, d.num_kv_heads, d.head_dim**-0.5
+        q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
         for index, layer in enumerate(d.layers):
             x = _rms_norm(hidden, layer.input_norm, d.eps)
             qkv = self._project(layer.qkv, x, index, "qkv", adapters)
-            q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
-            q = q.view(batch, length, d.num_heads, d.head_dim).transpose(1, 2)
-            k = k.view(batch, length, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            v = v.view(batch, length, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            # Rotary embedding on the queries and keys at once: element-wise, so the same numbers.
+            qk = qkv[:, : q_width + kv_width].view(batch, length, heads + kv_heads, d.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split((heads, kv_heads), dim=1)
+            v = qkv[:, q_width + kv_width :].view(batch, length, kv_heads, d.head_dim).transpose(1, 2)
             if prefill:
-                self._keys[index, slot, :, :length] = k[0]
-                self._values[index, slot, :, :length] = v[0]
-                attended = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=length > 1, scale=d.head_dim**-0.5, enable_gqa=True
-                )
+                if slot is not None:
+                    self._keys[index, slot, :, :length] = k[0]
+                    self._values[index, slot, :, :length] = v[0]
+                attended = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scale, enable_gqa=True)
+                attended = attended.transpose(1, 2).reshape(rows, q_width)
             else:
-                slots = torch.arange(batch)
                 self._keys[index, slots, :, positions] = k[:, :, 0]
                 self._values[index, slots, :, positions] = v[:, :, 0]
                 keys = self._keys[index, :batch, :, :span]
                 values = self._values[index, :batch, :, :span]
-                attended = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=d.head_dim**-0.5, enable_gqa=True
-                )
-            attended = attended.transpose(1, 2).reshape(rows, q_width)
+                if mask is None:  # one sequence: the kernel transformers uses, for the same numbers
+                    attended = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+                    attended = attended.transpose(1, 2).reshape(rows, q_width)
+                else:
+                    # One query per row: plain products beat the fused kernel, which is built for long queries.
+                    grouped = q.reshape(batch, kv_heads, heads // kv_heads, d.head_dim)
+                    scores = (grouped @ keys.transpose(-1, -2)) * scale
+                    scores = scores.masked_fill(mask, float("-inf")).softmax(-1)
+                    attended = (scores @ values).reshape(rows, q_width)
             hidden = hidden + self._project(layer.o, attended, index, "o", adapters)
             x = _rms_norm(hidden, layer.post_norm, d.eps)
             gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters).chunk(2, dim=-1)
             hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters)
-        last = hidden.view(batch, length, -1)[:, -1]
+        last = hidden if every else hidden.view(batch, length, -1)[:, -1]
         return d.lm_head(_rms_norm(last, d.norm, d.eps))
 
     def _adapter_rows(self):

@@ -1,0 +1,408 @@
+"""Serving speed: plain `model.generate` against the serving engine and the HTTP service.
+
+    python bench/serve_bench.py [--prompts 8] [--new-tokens 64] [--quantize none,int8] [--clients 8]
+                                [--skip-http] [--json PATH]
+
+Everything uses the prepared SmolLM2 base (``python manage.py prepare_base_model``),
+the same prompts (the prompt builder on the first ``--prompts`` products of
+``../shared/data/adidas_usa.csv``, mapped as the importer maps them), greedy
+decoding and at most ``--new-tokens`` new tokens. Each row is run one after
+the other in this one process (the HTTP rows against a gunicorn server this
+script starts), with the machine otherwise idle:
+
+1. baseline: transformers ``model.generate``, eager fp32 (no compile), one
+   request at a time, with 1 and with 2 torch threads; the better of the two
+   is the baseline.
+2. engine: the service's engine (inference/engine.py), in this process, one
+   request at a time, then ``--clients`` requests submitted at once; for each
+   ``--quantize`` setting.
+3. http: ``gunicorn -c docker/gunicorn.conf.py`` with one worker process on a
+   scratch SQLite database whose active version is the base model; one client
+   (plain JSON, then streaming: time to first token), then ``--clients``
+   concurrent clients each sending ``--prompts`` requests; for each
+   ``--quantize`` setting.
+
+Tokens per second: completion tokens / wall time of the requests (prompt
+processing included, as a client sees it). Single-stream figures are the
+mean over the prompts. Latency percentiles are over requests. HTTP overhead
+at one client: (HTTP latency - engine latency) / engine latency for the same
+prompts and settings. The fp32 engine's greedy text must equal the baseline's
+for every prompt (checked and printed).
+
+This is a benchmark, not a test: it exits 0 whatever the numbers, and 1 only
+when it cannot set up.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_bench import ADIDAS_CSV, ROOT, base_dir_get, django_setup, examples_load  # noqa: E402
+
+TARGET_SINGLE = 3.0  # single-stream tokens/s vs the baseline
+TARGET_CONCURRENT = 6.0  # aggregate tokens/s at --clients vs the baseline's single stream
+TARGET_OVERHEAD = 0.10  # HTTP + queueing, share of the engine's time, one client
+TARGET_TTFT = 0.5  # seconds, streaming, one client
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def summary(name, latencies, tokens, wall, texts=None, ttft=None):
+    return {
+        "name": name,
+        "requests": len(latencies),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "p50_s": percentile(latencies, 0.5),
+        "p95_s": percentile(latencies, 0.95),
+        "mean_s": statistics.mean(latencies),
+        "texts": texts,
+        "ttft_s": ttft,
+    }
+
+
+# --- 1. baseline --------------------------------------------------------------
+
+
+def baseline_run(base_dir, prompts, new_tokens, threads):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
+
+    def one(ids):
+        with torch.inference_mode():
+            output = model.generate(
+                **ids,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        row = output[0, ids["input_ids"].shape[1] :].tolist()
+        cut = next((i for i, token in enumerate(row) if token in stops), None)
+        return tokenizer.decode(row if cut is None else row[:cut], skip_special_tokens=True).strip(), (
+            len(row) if cut is None else cut + 1
+        )
+
+    one(encoded[0])  # warm-up, untimed
+    latencies, texts, tokens = [], [], 0
+    started = time.perf_counter()
+    for ids in encoded:
+        t = time.perf_counter()
+        text, count = one(ids)
+        latencies.append(time.perf_counter() - t)
+        texts.append(text)
+        tokens += count
+    result = summary(f"baseline generate, {threads} thread{'s' if threads > 1 else ''}", latencies, tokens,
+                     time.perf_counter() - started, texts)  # fmt: skip
+    result["single_tok_s"] = tokens / sum(latencies)
+    return result
+
+
+# --- 2. engine ----------------------------------------------------------------
+
+
+def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from inference.engine import DecoderWeights, Engine, Sampling
+    from inference.loader import _stop_token_ids
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
+    decoder = DecoderWeights(model, quantize=quantize)
+    del model
+    engine = Engine(decoder, tokenizer, stop_token_ids=_stop_token_ids(tokenizer), max_batch=clients,
+                    max_queue=4 * clients * len(prompts), max_tokens=1024)  # fmt: skip
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def submit(prompt_ids):
+        return engine.submit(prompt_ids=prompt_ids, sampling=Sampling(), max_new_tokens=new_tokens, timeout=3600)
+
+    def finish(generation):
+        return [event[2] for event in generation if event[0] == "done"][0]
+
+    finish(submit(ids[0]))  # warm-up, untimed
+    latencies, texts, tokens, ttfts = [], [], 0, []
+    started = time.perf_counter()
+    for prompt_ids in ids:
+        t = time.perf_counter()
+        generation = submit(prompt_ids)
+        completion = finish(generation)
+        latencies.append(time.perf_counter() - t)
+        ttfts.append(generation.first_token_at - generation.submitted_at)
+        texts.append(completion.text)
+        tokens += completion.tokens
+    single = summary(f"engine {quantize}, one at a time", latencies, tokens, time.perf_counter() - started, texts,
+                     statistics.median(ttfts))  # fmt: skip
+    single["single_tok_s"] = tokens / sum(latencies)
+
+    # Every client's requests submitted at once, the way concurrent web threads would.
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    generations = [submit(prompt_ids) for _ in range(clients) for prompt_ids in ids]
+    for generation in generations:
+        completion = finish(generation)
+        latencies.append(completion.finished_at - generation.submitted_at)
+        tokens += completion.tokens
+    batched = summary(f"engine {quantize}, {clients} at once", latencies, tokens, time.perf_counter() - started)
+    engine.close()
+    return single, batched
+
+
+# --- 3. HTTP ------------------------------------------------------------------
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """gunicorn with the documented config, on a scratch database whose active version is the base."""
+
+    def __init__(self, quantize, threads, scratch):
+        self.port = _free_port()
+        self.env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "genapi.settings.dev",
+            "DEBUG": "false",
+            "SECRET_KEY": os.environ.get("SECRET_KEY", "serve-bench-only"),
+            "DATABASE_URL": f"sqlite:///{scratch / 'bench.sqlite3'}",
+            "INFERENCE_QUANTIZE": quantize,
+            "INFERENCE_TORCH_THREADS": str(threads),
+            "WEB_CONCURRENCY": "1",
+            "GUNICORN_BIND": f"127.0.0.1:{self.port}",
+            "LOG_LEVEL": "WARNING",
+        }
+        python = sys.executable
+        for command in (["migrate", "--noinput"], ["prepare_base_model"]):
+            subprocess.run([python, "manage.py", *command], cwd=ROOT, env=self.env, check=True,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+        gunicorn = shutil.which("gunicorn", path=str(Path(python).parent)) or "gunicorn"
+        self.log = open(scratch / f"gunicorn-{quantize}.log", "w")
+        self.process = subprocess.Popen(
+            [gunicorn, "-c", "docker/gunicorn.conf.py", "genapi.wsgi:application"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(self.url("/api/ready"), timeout=60).read()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"gunicorn did not start; see {self.log.name}") from None
+                time.sleep(0.5)
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def _post(server, body):
+    request = urllib.request.Request(
+        server.url("/api/generate"), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(request, timeout=600)
+
+
+def http_run(server, products, new_tokens, clients):
+    body = {"max_new_tokens": new_tokens}
+    _post(server, {**body, "product": products[0]}).read()  # warm-up
+    latencies, tokens, texts = [], 0, []
+    started = time.perf_counter()
+    for product in products:
+        t = time.perf_counter()
+        answer = json.loads(_post(server, {**body, "product": product}).read())
+        latencies.append(time.perf_counter() - t)
+        tokens += answer["usage"]["completion_tokens"]
+        texts.append(answer["choices"][0]["text"])
+    single = summary("http, 1 client", latencies, tokens, time.perf_counter() - started, texts)
+    single["single_tok_s"] = tokens / sum(latencies)
+
+    ttfts, stream_latencies, stream_tokens = [], [], 0
+    stream_started = time.perf_counter()
+    for product in products:
+        t = time.perf_counter()
+        first = None
+        with _post(server, {**body, "product": product, "stream": True}) as response:
+            event = None
+            for line in response:
+                line = line.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: ") and event == "chunk" and first is None:
+                    first = time.perf_counter() - t
+                elif line.startswith("data: ") and event == "done":
+                    stream_tokens += json.loads(line[6:])["usage"]["completion_tokens"]
+        stream_latencies.append(time.perf_counter() - t)
+        ttfts.append(first)
+    stream = summary("http, 1 client, streaming", stream_latencies, stream_tokens,
+                     time.perf_counter() - stream_started, ttft=statistics.median(ttfts))  # fmt: skip
+    stream["ttft_p95_s"] = percentile(ttfts, 0.95)
+
+    results, errors = [], []
+
+    def client():
+        for product in products:
+            t = time.perf_counter()
+            try:
+                answer = json.loads(_post(server, {**body, "product": product}).read())
+            except Exception as exc:  # counted and printed: a failed request is a result too
+                errors.append(repr(exc))
+                continue
+            results.append((time.perf_counter() - t, answer["usage"]["completion_tokens"]))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    concurrent = summary(f"http, {clients} clients", [r[0] for r in results], sum(r[1] for r in results), wall)
+    concurrent["errors"] = errors
+    return single, stream, concurrent
+
+
+# --- report -------------------------------------------------------------------
+
+
+def report(rows, baseline, checks):
+    head = f"{'':44} {'tok/s':>7} {'single':>7} {'x base':>7} {'p50 s':>7} {'p95 s':>7} {'TTFT s':>7}"
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        single = row.get("single_tok_s")
+        ratio = (single or row["tok_s"]) / baseline
+        ttft = row.get("ttft_s")
+        print(
+            f"{row['name']:44} {row['tok_s']:7.1f} {single if single else float('nan'):7.1f} {ratio:7.2f} "
+            f"{row['p50_s']:7.2f} {row['p95_s']:7.2f} {'' if ttft is None else f'{ttft:7.3f}':>7}"
+        )
+    print()
+    print("'tok/s': completion tokens / wall time of the row; 'single': the same per request, one at a time;")
+    print("'x base': single (or tok/s for concurrent rows) over the baseline's single-stream tokens/s.")
+    print()
+    for line in checks:
+        print(line)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--quantize", default="none,int8", help="engine/HTTP settings to measure, comma-separated")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the engine and the server")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--csv", type=Path, default=ADIDAS_CSV)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    django_setup()
+    from finetuning import prompts as prompt_builder
+
+    base_dir = base_dir_get()
+    if base_dir is None:
+        print("the base model is not prepared: run `python manage.py prepare_base_model`", file=sys.stderr)
+        return 1
+    if not args.csv.is_file():
+        print(f"no reference data at {args.csv}", file=sys.stderr)
+        return 1
+    products = [attributes for attributes, _ in examples_load(args.csv, args.prompts)]
+    prompts = [prompt_builder.product_prompt(p) for p in products]
+    quantizes = [q for q in args.quantize.split(",") if q]
+
+    rows = []
+    baselines = [baseline_run(base_dir, prompts, args.new_tokens, threads) for threads in (1, 2)]
+    rows.extend(baselines)
+    best = max(baselines, key=lambda row: row["single_tok_s"])
+    base_tok_s = best["single_tok_s"]
+    checks = [f"baseline: {best['name']}, {base_tok_s:.1f} tokens/s single-stream"]
+
+    engine_single = {}
+    for quantize in quantizes:
+        single, batched = engine_run(base_dir, prompts, args.new_tokens, quantize, args.clients, args.threads)
+        rows.extend([single, batched])
+        engine_single[quantize] = single
+        ratio = single["single_tok_s"] / base_tok_s
+        checks.append(f"engine {quantize}: single-stream {ratio:.2f}x baseline "
+                      f"({'PASS' if ratio >= TARGET_SINGLE else 'FAIL'} >= {TARGET_SINGLE}x)")  # fmt: skip
+        ratio = batched["tok_s"] / base_tok_s
+        checks.append(f"engine {quantize}: {args.clients} at once {ratio:.2f}x baseline "
+                      f"({'PASS' if ratio >= TARGET_CONCURRENT else 'FAIL'} >= {TARGET_CONCURRENT}x)")  # fmt: skip
+        if quantize == "none":
+            same = [a == b for a, b in zip(single["texts"], best["texts"], strict=True)]
+            checks.append(f"fp32 engine greedy text == baseline: {sum(same)}/{len(same)} prompts "
+                          f"({'PASS' if all(same) else 'FAIL'})")  # fmt: skip
+
+    if not args.skip_http:
+        scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+        try:
+            for quantize in quantizes:
+                server = Server(quantize, args.threads, scratch)
+                try:
+                    single, stream, concurrent = http_run(server, products, args.new_tokens, args.clients)
+                finally:
+                    server.stop()
+                for row in (single, stream, concurrent):
+                    row["name"] = f"{row['name']} ({quantize})"
+                rows.extend([single, stream, concurrent])
+                engine = engine_single[quantize]
+                overhead = (single["mean_s"] - engine["mean_s"]) / engine["mean_s"]
+                checks.append(f"http {quantize}: 1 client overhead {overhead:+.1%} of engine time "
+                              f"({'PASS' if overhead < TARGET_OVERHEAD else 'FAIL'} < {TARGET_OVERHEAD:.0%})")  # fmt: skip
+                checks.append(f"http {quantize}: streaming TTFT p50 {stream['ttft_s']:.3f} s, "
+                              f"p95 {stream['ttft_p95_s']:.3f} s "
+                              f"({'PASS' if stream['ttft_s'] < TARGET_TTFT else 'FAIL'} < {TARGET_TTFT} s)")  # fmt: skip
+                ratio = concurrent["tok_s"] / base_tok_s
+                checks.append(f"http {quantize}: {args.clients} clients {ratio:.2f}x baseline, "
+                              f"{len(concurrent['errors'])} failed requests "
+                              f"({'PASS' if ratio >= TARGET_CONCURRENT else 'FAIL'} >= {TARGET_CONCURRENT}x)")  # fmt: skip
+                same = [a == b for a, b in zip(single["texts"], engine["texts"], strict=True)]
+                checks.append(f"http {quantize}: text == engine {quantize}: {sum(same)}/{len(same)} prompts")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"\n{args.prompts} adidas products, {args.new_tokens} new tokens max, greedy, "
+          f"engine/server with {args.threads} torch threads\n")  # fmt: skip
+    report(rows, base_tok_s, checks)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""gunicorn settings for the web workers: `gunicorn -c docker/gunicorn.conf.py genapi.wsgi:application`.
+
+Each worker process loads the active model version once and runs one serving
+engine, which batches the requests of all its threads. So: few processes, many
+threads. Threads mostly wait for the engine; what uses the CPU is the engine's
+torch threads, and their number over all processes should not exceed the cores
+(torch threads on busy cores slow every step down many times over).
+
+Environment (all optional):
+  WEB_CONCURRENCY   worker processes (default 1; add one per extra ~2 cores when
+                    one process's batch is full, or use more machines)
+  GUNICORN_THREADS  threads per process (default: batch + queue + 8, so that
+                    every request the engine may hold has a thread and health
+                    checks still get one)
+  INFERENCE_TORCH_THREADS  torch threads per process (default: cores / processes)
+"""
+
+import os
+
+_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+_batch = int(os.environ.get("INFERENCE_MAX_BATCH", "8"))
+_queue = int(os.environ.get("GENERATE_QUEUE_SIZE", "32"))
+threads = int(os.environ.get("GUNICORN_THREADS", str(_batch + _queue + 8)))
+worker_class = "gthread"
+# Read by Django's settings in each worker (workers import the app after the fork).
+os.environ.setdefault("INFERENCE_TORCH_THREADS", str(max(1, _cores // workers)))
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+# A streamed answer or a queued request may take up to GENERATE_TIMEOUT_SECONDS; a gthread worker
+# keeps beating its heartbeat meanwhile, so this only catches a worker that hangs.
+timeout = 120
+graceful_timeout = 60  # on restart, requests in flight finish first
+keepalive = 5
+accesslog = "-"
