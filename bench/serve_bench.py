@@ -221,6 +221,16 @@ class Server:
                     raise SystemExit(f"gunicorn did not start; see {self.log.name}") from None
                 time.sleep(0.5)
 
+    def worker_rss_mb(self):
+        """Resident memory of the worker process(es), MB."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        total = 0
+        for pid in children:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
+
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"
 
@@ -375,6 +385,7 @@ def main(argv=None):
                 server = Server(quantize, args.threads, scratch)
                 try:
                     single, stream, concurrent = http_run(server, products, args.new_tokens, args.clients)
+                    rss = server.worker_rss_mb()
                 finally:
                     server.stop()
                 for row in (single, stream, concurrent):
@@ -393,6 +404,7 @@ def main(argv=None):
                               f"({'PASS' if ratio >= TARGET_CONCURRENT else 'FAIL'} >= {TARGET_CONCURRENT}x)")  # fmt: skip
                 same = [a == b for a, b in zip(single["texts"], engine["texts"], strict=True)]
                 checks.append(f"http {quantize}: text == engine {quantize}: {sum(same)}/{len(same)} prompts")
+                checks.append(f"http {quantize}: worker process memory (RSS) after the run: {rss:.0f} MB")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

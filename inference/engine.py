@@ -37,6 +37,7 @@ QUANTIZE_CHOICES = ("none", "int8")
 # Above this many rows (a prompt), an int8 projection is dequantised once and run as one fp32
 # matrix product: the int8 kernel is built for the few rows of a decode step.
 _INT8_KERNEL_MAX_ROWS = 16
+_EXACT_CANDIDATES = 64
 
 
 class EngineError(Exception):
@@ -84,9 +85,11 @@ class _Projection:
         if self.scales is None:
             return F.linear(x, self.weight, self.bias)
         if x.shape[0] > _INT8_KERNEL_MAX_ROWS:
-            y = F.linear(x, self.weight.to(torch.float32) * self.scales[:, None])
+            y = F.linear(x.to(torch.float32), self.weight.to(torch.float32) * self.scales[:, None])
         else:
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales_bf16).to(torch.float32)
+            # bf16 out: the next operation (residual add, rotary, gate) promotes it to fp32 for free,
+            # and the down projection wants bf16 in anyway.
+            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales_bf16)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self):
@@ -168,6 +171,10 @@ class DecoderWeights:
             self.norm = model.model.norm.weight.detach()
             self.embed = model.model.embed_tokens.weight.detach()
             self.lm_head = _Projection(model.lm_head.weight.detach(), None, quantize)
+            # fp32 output-head rows, to rescore the best candidates of the int8 head exactly (the
+            # int8 kernel returns bf16 logits, 0.125 apart at 20). Tied to the embeddings in
+            # SmolLM2: no extra memory.
+            self.lm_head_exact = model.lm_head.weight.detach() if quantize != "none" else None
             # transformers' own rotary module, evaluated once for every position: any rope variant the
             # checkpoint declares, with the same arithmetic as at training time.
             positions = torch.arange(self.max_positions)[None]
@@ -610,7 +617,7 @@ class Engine:
         q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
         for index, layer in enumerate(d.layers):
             x = _rms_norm(hidden, layer.input_norm, d.eps)
-            qkv = self._project(layer.qkv, x, index, "qkv", adapters)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters).to(torch.float32)
             # Rotary embedding on the queries and keys at once: element-wise, so the same numbers.
             qk = qkv[:, : q_width + kv_width].view(batch, length, heads + kv_heads, d.head_dim).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -627,21 +634,29 @@ class Engine:
                 self._values[index, slots, :, positions] = v[:, :, 0]
                 keys = self._keys[index, :batch, :, :span]
                 values = self._values[index, :batch, :, :span]
-                if mask is None:  # one sequence: the kernel transformers uses, for the same numbers
+                if mask is None and d.quantize == "none":  # one fp32 sequence: transformers' kernel, same numbers
                     attended = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
                     attended = attended.transpose(1, 2).reshape(rows, q_width)
                 else:
                     # One query per row: plain products beat the fused kernel, which is built for long queries.
                     grouped = q.reshape(batch, kv_heads, heads // kv_heads, d.head_dim)
                     scores = (grouped @ keys.transpose(-1, -2)) * scale
-                    scores = scores.masked_fill(mask, float("-inf")).softmax(-1)
+                    if mask is not None:
+                        scores = scores.masked_fill(mask, float("-inf"))
+                    scores = scores.softmax(-1)
                     attended = (scores @ values).reshape(rows, q_width)
             hidden = hidden + self._project(layer.o, attended, index, "o", adapters)
             x = _rms_norm(hidden, layer.post_norm, d.eps)
             gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters).chunk(2, dim=-1)
             hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters)
-        last = hidden if every else hidden.view(batch, length, -1)[:, -1]
-        return d.lm_head(_rms_norm(last, d.norm, d.eps))
+        last = _rms_norm(hidden if every else hidden.view(batch, length, -1)[:, -1], d.norm, d.eps)
+        logits = d.lm_head(last).to(torch.float32)
+        if d.lm_head_exact is not None:
+            # Greedy picks and nearly all sampled mass are among the best few: make those exact.
+            best = logits.topk(_EXACT_CANDIDATES, dim=-1).indices  # [rows, k]
+            exact = torch.einsum("rd,rkd->rk", last, d.lm_head_exact[best])
+            logits.scatter_(1, best, exact)
+        return logits
 
     def _adapter_rows(self):
         """[(adapter, rows)] for the batch: rows None when every row uses it."""
@@ -665,6 +680,8 @@ class Engine:
             if weights is None:
                 continue
             a, b = weights
+            x = x.to(a.dtype)
+            y = y.to(a.dtype)
             if rows is None:
                 y = y + (x @ a.T) @ b.T
             else:
