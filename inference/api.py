@@ -4,6 +4,7 @@ import logging
 
 from django.db import connection
 from django.http import StreamingHttpResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
@@ -35,6 +36,7 @@ class GenerateView(APIView):
         responses={
             200: GenerateResponseSerializer,
             (200, "text/event-stream"): OpenApiResponse(
+                OpenApiTypes.STR,
                 description="With `stream: true`: server-sent events. `event: chunk` with "
                 '`{"index": 0, "text": "..."}` for each piece of text as it is produced; then `event: done` with '
                 "the same body as the JSON answer (whole text, finish reasons, usage, model version, timings); or "

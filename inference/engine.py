@@ -419,7 +419,8 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("this model was unloaded")
-            if len(self._pending) + n > self.max_queue:
+            # A request larger than the whole queue still gets in when the queue is empty.
+            if self._pending and len(self._pending) + n > self.max_queue:
                 waiting = len(self._pending) + len(self._active)
                 retry = math.ceil(self._seconds_per_sequence * max(1, waiting) / self.max_batch)
                 raise QueueFull(max(1, retry))

@@ -1,22 +1,18 @@
 import gc
 import json
-import shutil
 import subprocess
 import sys
 import threading
 import weakref
-from contextlib import nullcontext
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from finetuning import prompts, store
-from finetuning.models import Dataset, FineTuningJob, ModelVersion
-from finetuning.services.examples import example_create
-from finetuning.services.jobs import job_execute, job_start
+from finetuning.models import ModelVersion
+from inference import engine as engine_module
 from inference import loader
-from inference.generation import GenerationParams, generate
+from inference.generation import GenerationParams, generate, generation_collect, generation_submit
 
 
 def test_a_version_loads_once_and_is_cached(base_version):
@@ -60,54 +56,8 @@ def test_django_starts_without_importing_torch():
     assert result.stdout.strip() == "False"
 
 
-# LoRA versions on the shared base model. Large learning rate, enough steps: every adapter must really change the
-# answer of the tiny model, or the tests comparing answers prove nothing.
-LORA = {"max_steps": 8, "batch_size": 4, "max_seq_length": 128, "learning_rate": 1e-2}
 GREEDY = GenerationParams(max_new_tokens=20)
 PROMPT = prompts.product_prompt({"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"})
-
-
-@pytest.fixture(scope="session")
-def _trained(tmp_path_factory):
-    """Artifacts trained by earlier tests, by (dataset name, hyperparameters): training is the slow part."""
-    return {}
-
-
-@pytest.fixture
-def train(base_version, model_store, _trained, tmp_path_factory):
-    """A version trained by a real job; the same dataset name must always mean the same examples."""
-
-    def make(dataset, **hyperparameters):
-        hyperparameters = {**LORA, **hyperparameters}
-        key = (dataset.name, json.dumps(hyperparameters, sort_keys=True))
-        if key in _trained:
-            fields, saved = _trained[key]
-            shutil.copytree(saved, model_store / fields["artifact_path"])
-            return ModelVersion.objects.create(**fields)
-        job = job_start(dataset=dataset, hyperparameters=hyperparameters)
-        version = job_execute(job_id=job.pk)
-        assert version is not None, FineTuningJob.objects.get(pk=job.pk).error
-        saved = tmp_path_factory.mktemp("trained") / "artifact"
-        shutil.copytree(model_store / version.artifact_path, saved)
-        names = ("name", "kind", "base_model", "artifact_path", "sha256", "prompt_format_version", "hyperparameters")
-        _trained[key] = ({name: getattr(version, name) for name in names}, saved)
-        return version
-
-    return make
-
-
-@pytest.fixture
-def loras(train, dataset_factory, settings):
-    """Two LoRA versions that answer differently: trained on different descriptions."""
-    settings.INFERENCE_MAX_LOADED_VERSIONS = 3  # the base version and both LoRA versions
-    toys = Dataset.objects.create(name="toys")
-    for i in range(24):
-        example_create(
-            dataset=toys,
-            attributes={"name": f"Toy {i}", "category": "Toys"},
-            description=f"Wow! Zany zebra toy number {i}, bright and bouncy.",
-        )
-    return train(dataset_factory(name="shop"), seed=1), train(toys, seed=2)
 
 
 def _answer(loaded):
@@ -115,14 +65,16 @@ def _answer(loaded):
     return completion.text, completion.tokens
 
 
-def _alone(model, like):
-    """``model`` outside the loader, generated from exactly as the loader's models are."""
-    return SimpleNamespace(
-        tokenizer=like.tokenizer,
-        stop_token_ids=like.stop_token_ids,
-        max_positions=like.max_positions,
-        use=lambda: nullcontext(model),
-    )
+def test_the_quantize_setting_reaches_the_weights(base_version, settings):
+    settings.INFERENCE_QUANTIZE = "int8"
+    loaded = loader.model_get(base_version)
+    assert loaded.weights.decoder.layers[0].qkv.weight.dtype == torch.int8
+    [completion] = generate(loaded, PROMPT, GREEDY).completions
+    assert completion.finish_reason in ("stop", "length") and completion.tokens > 0
+    loader.cache_clear()
+    settings.INFERENCE_QUANTIZE = "int4"  # a typo in the environment: refused with a reason, not a crash
+    with pytest.raises(loader.ModelUnavailable, match="quantize"):
+        loader.model_get(base_version)
 
 
 def _fresh_base(base_version):
@@ -132,66 +84,88 @@ def _fresh_base(base_version):
     return AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32).eval()
 
 
-def _merged(lora, base_version):
-    """What serving did before adapters were shared: the adapter merged into a copy of the base of its own."""
+def _peft(lora, base_version, *, merged):
+    """How PEFT serves a LoRA version on its own: the adapter on a base model of its own."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(_fresh_base(base_version), store.absolute(lora.artifact_path)).merge_and_unload()
+    model = PeftModel.from_pretrained(_fresh_base(base_version), store.absolute(lora.artifact_path)).eval()
+    return model.merge_and_unload() if merged else model
 
 
-def _adapter_size(version):
-    from safetensors.torch import load_file
-
-    weights = load_file(store.absolute(version.artifact_path) / "adapter_model.safetensors")
-    return sum(tensor.numel() for tensor in weights.values())
-
-
-def _parameters(loaded):
-    with loaded.use() as model:
-        return {p.data_ptr(): p.numel() for p in model.parameters()}
+def _decoder_storages(decoder):
+    """data_ptr -> element count of every tensor the engine decodes with (the rotary tables aside)."""
+    tensors = [decoder.embed, decoder.norm, decoder.lm_head.weight]
+    for layer in decoder.layers:
+        tensors += [layer.input_norm, layer.post_norm]
+        tensors += [p.weight for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    return {t.untyped_storage().data_ptr(): t.numel() for t in tensors}
 
 
-def test_lora_versions_and_the_base_share_one_copy_of_the_base_weights(base_version, loras):
+def test_lora_versions_and_the_base_share_one_copy_of_the_base_weights(base_version, loras, monkeypatch):
+    models = []
+    original = engine_module.DecoderWeights.__init__
+
+    def spy(self, model, **kwargs):
+        models.append(weakref.ref(model))
+        original(self, model, **kwargs)
+
+    monkeypatch.setattr(engine_module.DecoderWeights, "__init__", spy)
     versions = [base_version, *loras]
     loaded = [loader.model_get(v) for v in versions]
     assert loader.loaded_version_ids() == [v.pk for v in versions]
     assert loader.loaded_weights_paths() == [base_version.artifact_path]
-    assert len({id(m.base_model) for m in loaded}) == 1
-    embeddings = set()
-    for m in loaded:
-        with m.use() as model:
-            embeddings.add(model.get_input_embeddings().weight.data_ptr())
-    assert len(embeddings) == 1
-    # In memory: the base once, and the two adapters; no second or third copy of the base.
+    assert len(models) == 1, "the base weights were read more than once"
+    assert len({id(m.weights) for m in loaded}) == 1 and len({id(m.engine) for m in loaded}) == 1
+    assert loaded[0].adapter is None and loaded[1].adapter is not loaded[2].adapter is not None
+    # In memory: the base's weights once (the tied embedding and output head one tensor, as in the checkpoint),
+    # and not the transformers model they were read from as well.
     base_size = sum(p.numel() for p in _fresh_base(base_version).parameters())
-    adapters_size = sum(_adapter_size(v) for v in loras)
-    in_memory = {}
-    for m in loaded:
-        in_memory.update(_parameters(m))
-    assert sum(in_memory.values()) == base_size + adapters_size
+    assert sum(_decoder_storages(loaded[0].weights.decoder).values()) == base_size
+    gc.collect()
+    assert models[0]() is None, "the transformers model is kept alive next to the decoder's copy of its weights"
 
 
-def test_each_version_answers_as_if_it_were_served_alone(base_version, loras):
+def test_each_version_answers_as_if_it_were_served_alone(base_version, loras, hf_generate):
+    """The engine, its shared base and per-row adapters give the text PEFT gives with the adapter on a base of its own."""
     first, second = loras
     like = loader.model_get(base_version)
+    prompt_ids = like.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+
+    def served_alone(model):
+        ids, text = hf_generate(
+            model, like.tokenizer, prompt_ids, stop_ids=like.stop_token_ids, max_new_tokens=GREEDY.max_new_tokens
+        )
+        return text, len(ids)
+
     expected = {
-        base_version.pk: _answer(_alone(_fresh_base(base_version), like)),
-        first.pk: _answer(_alone(_merged(first, base_version), like)),
-        second.pk: _answer(_alone(_merged(second, base_version), like)),
+        base_version.pk: served_alone(_fresh_base(base_version)),
+        first.pk: served_alone(_peft(first, base_version, merged=False)),
+        second.pk: served_alone(_peft(second, base_version, merged=True)),
     }
     assert len(set(expected.values())) == 3, "the adapters must change the answer, or this test proves nothing"
-    # Interleaved, so that an adapter left selected or enabled would show in the next answer.
+    # Interleaved, so that an adapter left applied would show in the next answer.
     for version in (first, base_version, second, first, base_version, second):
         assert _answer(loader.model_get(version)) == expected[version.pk], version.name
 
 
-def test_versions_on_one_base_take_turns_across_threads(base_version, loras):
+def test_versions_on_one_base_share_a_batch_across_threads(base_version, loras, monkeypatch):
     versions = [base_version, *loras]
     expected = {v.pk: _answer(loader.model_get(v)) for v in versions}
+    engine = loader.model_get(base_version).engine
+    mixes = []  # at each forward pass, the adapters of the sequences in the batch
+    adapter_rows = engine._adapter_rows
+
+    def recording():
+        mixes.append(len({id(sequence.adapter) for sequence in engine._active}))
+        return adapter_rows()
+
+    monkeypatch.setattr(engine, "_adapter_rows", recording)
     answers, errors = [], []
+    start = threading.Barrier(len(versions))
 
     def ask(version):
         try:
+            start.wait()
             for _ in range(3):
                 answers.append((version.pk, _answer(loader.model_get(version))))
         except Exception as exc:  # reported below: an exception in a thread would pass silently
@@ -204,46 +178,62 @@ def test_versions_on_one_base_take_turns_across_threads(base_version, loras):
         thread.join()
     assert not errors
     assert len(answers) == 9 and all(answer == expected[pk] for pk, answer in answers)
+    assert max(mixes) >= 2, "the versions never shared a batch: this test proved nothing"
 
 
 def test_the_least_recently_used_version_and_its_adapter_are_evicted(base_version, loras, settings):
     settings.INFERENCE_MAX_LOADED_VERSIONS = 2
     first, second = loras
-    shared = loader.model_get(first).base_model
+    first_loaded = loader.model_get(first)
+    shared = first_loaded.weights
     loader.model_get(base_version)
     loader.model_get(first)  # used again: the base version is now the least recently used
     second_loaded = loader.model_get(second)
     assert loader.loaded_version_ids() == [first.pk, second.pk]
-    # The LoRA versions still need the base weights: they stay, once.
-    assert second_loaded.base_model is shared
+    # The LoRA versions still need the base weights: they stay, once, with the same engine.
+    assert second_loaded.weights is shared and not shared.engine._closing
     assert loader.loaded_weights_paths() == [base_version.artifact_path]
 
     base_loaded = loader.model_get(base_version)
     assert loader.loaded_version_ids() == [second.pk, base_version.pk]
-    assert base_loaded.base_model is shared
-    with second_loaded.use() as model:
-        assert set(model.peft_config) == {second_loaded.adapter}  # the first adapter is gone
+    assert base_loaded.weights is shared
+    # The first version went, adapter and all: asked for again, it is read again (and evicts the second).
+    assert loader.model_get(first) is not first_loaded
+    assert loader.loaded_version_ids() == [base_version.pk, first.pk]
 
 
-def test_a_base_model_no_version_uses_is_freed(base_version, train, dataset_factory, settings):
+def test_a_base_model_no_version_uses_is_freed(base_version, loras, full, settings):
     settings.INFERENCE_MAX_LOADED_VERSIONS = 1
-    lora = train(dataset_factory(name="shop"))
-    full = train(dataset_factory(name="full"), method="full", learning_rate=1e-4)
-    base_weights = weakref.ref(loader.model_get(lora).base_model)
+    weights = loader.model_get(loras[0]).weights
+    engine, decoder = weights.engine, weakref.ref(weights.decoder)
+    del weights
     loader.model_get(full)  # a full fine-tune has weights of its own: the LoRA version goes, and its base with it
     assert loader.loaded_version_ids() == [full.pk]
     assert loader.loaded_weights_paths() == [full.artifact_path]
+    engine._thread.join(timeout=10)
+    assert not engine._thread.is_alive(), "the unloaded weights' scheduler thread still runs"
+    with pytest.raises(engine_module.EngineClosed):
+        engine.submit(prompt_ids=[1, 2], sampling=engine_module.Sampling(), max_new_tokens=1, timeout=5)
+    del engine
     gc.collect()
-    assert base_weights() is None
+    assert decoder() is None, "the unloaded base model's weights are still in memory"
 
 
-def test_a_version_evicted_while_a_request_holds_it_still_answers(base_version, loras, settings):
+def test_a_version_evicted_while_a_request_holds_it_still_answers(base_version, loras, full, settings):
     settings.INFERENCE_MAX_LOADED_VERSIONS = 1
     first, second = loras
     held = loader.model_get(first)
     expected = _answer(held)
-    assert _answer(loader.model_get(second)) != expected  # evicts the first version and deletes its adapter
+    assert _answer(loader.model_get(second)) != expected  # evicts the first version; the base weights stay
     assert loader.loaded_version_ids() == [second.pk]
+    assert _answer(held) == expected
+
+    # A request in flight when its weights are unloaded finishes; the next one on the held version loads it again.
+    in_flight = generation_submit(held, PROMPT, GREEDY)
+    loader.model_get(full)
+    assert loader.loaded_weights_paths() == [full.artifact_path]
+    [completion] = generation_collect(*in_flight).completions
+    assert (completion.text, completion.tokens) == expected
     assert _answer(held) == expected
     assert loader.loaded_version_ids() == [first.pk]
 

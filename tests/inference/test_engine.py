@@ -1,0 +1,415 @@
+"""The serving engine against plain transformers, on a tiny model.
+
+The shared tiny checkpoint answers every prompt with newlines; here its
+weights are drawn wider (initializer_range 0.3), so that greedy text changes
+with every token of context and any slip in the cache, positions, masks or
+adapters shows in the text. The prompts and the adapters' seeds are chosen
+so that at no step of a reference answer are the top two logits within 1e-3
+of each other: the engine's rounding differs from transformers' by about
+1e-5, far too little to change a token.
+"""
+
+import copy
+import json
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from finetuning import prompts
+from inference.engine import Adapter, DecoderWeights, Engine, QueueFull, Sampling
+
+N = 48  # new tokens per reference answer
+PROMPTS = [
+    prompts.product_prompt({"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}),
+    prompts.free_prompt("Describe a scarf."),
+    "hello",
+    prompts.product_prompt({"name": "Toy 3", "category": "Toys"}),  # the model ends this answer itself
+]
+ADAPTERS = {  # name: (seed of its random weights, LoRA options)
+    # Every projection of both fused groups.
+    "lora": (
+        1,
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+    ),
+    # Part of a fused group (q and v, not k), rank-stabilised scaling.
+    "rslora": (
+        6,
+        {"r": 2, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    ),
+}
+GREEDY = Sampling()
+SAMPLED = Sampling(temperature=0.9, top_k=40, top_p=0.9, seed=7)
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with wide weights, two LoRA adapters on it (as PEFT serves them, and as the
+    engine reads them from PEFT's files), and its decoder weights in fp32 and int8."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    config = LlamaConfig.from_pretrained(tiny_checkpoint, initializer_range=0.3)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    decoder = DecoderWeights(model)
+    peft, adapters = {}, {}
+    for name, (seed, options) in ADAPTERS.items():
+        directory = tmp_path_factory.mktemp(f"adapter-{name}")
+        torch.manual_seed(seed)
+        # init_lora_weights=False: random A and B, so the adapter changes the answer from the start.
+        get_peft_model(copy.deepcopy(model), LoraConfig(init_lora_weights=False, **options)).save_pretrained(directory)
+        peft[name] = PeftModel.from_pretrained(copy.deepcopy(model), directory).eval()
+        config = json.loads((directory / "adapter_config.json").read_text())
+        adapters[name] = Adapter(name, load_file(directory / "adapter_model.safetensors"), config, decoder)
+    stop_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+    return _Lively(
+        model=model,
+        tokenizer=tokenizer,
+        stop_ids=stop_ids,
+        decoder=decoder,
+        decoder_int8=DecoderWeights(model, quantize="int8"),
+        peft=peft,
+        adapters=adapters,
+    )
+
+
+class _Lively:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def ids(self, prompt):
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def text(self, ids):
+        """The text of generated ids, as an answer shows it: up to the first stop id, stripped."""
+        cut = next((i for i, token in enumerate(ids) if token in self.stop_ids), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+
+
+@pytest.fixture(scope="module")
+def expected(lively, hf_generate):
+    """Plain transformers' greedy answer: (token ids through the first stop id, text)."""
+    answers = {}
+
+    def get(prompt, adapter=None, *, repetition_penalty=1.0, max_new_tokens=N):
+        key = (prompt, adapter, repetition_penalty)
+        if key not in answers:
+            model = lively.model if adapter is None else lively.peft[adapter]
+            answers[key] = hf_generate(
+                model,
+                lively.tokenizer,
+                lively.ids(prompt),
+                stop_ids=lively.stop_ids,
+                max_new_tokens=N,
+                repetition_penalty=repetition_penalty,
+            )
+        ids = answers[key][0][:max_new_tokens]  # greedy: a shorter answer is the start of the longer one
+        return ids, lively.text(ids)
+
+    return get
+
+
+@pytest.fixture
+def make_engine(lively):
+    engines = []
+
+    def make(*, max_batch=8, max_queue=32, quantize="none"):
+        engine = Engine(
+            lively.decoder if quantize == "none" else lively.decoder_int8,
+            lively.tokenizer,
+            stop_token_ids=lively.stop_ids,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            max_tokens=1024,
+            name="test",
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def _submit(engine, lively, prompt, *, adapter=None, sampling=GREEDY, max_new_tokens=N, timeout=30, **kwargs):
+    return engine.submit(
+        prompt_ids=lively.ids(prompt),
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        adapter=None if adapter is None else lively.adapters[adapter],
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def _submit_together(engine, lively, requests):
+    """Every request in the queue before the scheduler admits the first: it waits on the
+    engine's lock for work, so it sees them all at once (up to max_batch, the rest as slots free)."""
+    with engine._cond:
+        return [_submit(engine, lively, prompt, **options) for prompt, options in requests]
+
+
+def _collect(generation):
+    """{index: (Completion, the streamed chunks joined)}."""
+    chunks, done = {}, {}
+    for kind, index, payload in generation:
+        if kind == "chunk":
+            chunks[index] = chunks.get(index, "") + payload
+        else:
+            done[index] = payload
+    return {index: (completion, chunks.get(index, "")) for index, completion in done.items()}
+
+
+def _slow(engine, monkeypatch, seconds=0.02):
+    """A model this slow per step: time to act while a generation runs, whatever the machine."""
+    step = engine._step
+
+    def slow_step():
+        time.sleep(seconds)
+        step()
+
+    monkeypatch.setattr(engine, "_step", slow_step)
+
+
+def _eventually(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _assert_greedy(generation, expected_ids, expected_text, label):
+    [(completion, streamed)] = _collect(generation).values()
+    assert generation.sequences[0].tokens == expected_ids, label
+    assert completion.text == expected_text and completion.tokens == len(expected_ids), label
+    ended = expected_ids[-1] in generation.engine.stop_token_ids
+    assert completion.finish_reason == ("stop" if ended else "length"), label
+    assert streamed == completion.text, label
+    return completion
+
+
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3])
+@pytest.mark.parametrize("adapter", [None, "lora", "rslora"])
+def test_greedy_answers_equal_transformers_generate(lively, expected, make_engine, adapter, repetition_penalty):
+    engine = make_engine()
+    answers = [expected(p, adapter, repetition_penalty=repetition_penalty) for p in PROMPTS]
+    if adapter is not None:
+        assert all(
+            a != expected(p, repetition_penalty=repetition_penalty) for p, a in zip(PROMPTS, answers, strict=True)
+        )
+    if repetition_penalty != 1.0:
+        assert all(a != expected(p, adapter) for p, a in zip(PROMPTS, answers, strict=True))
+    if adapter is None and repetition_penalty == 1.0:
+        assert any(len(ids) < N for ids, _ in answers), "no answer ends with the model's own stop token"
+    sampling = Sampling(repetition_penalty=repetition_penalty)
+    for prompt, (ids, text) in zip(PROMPTS, answers, strict=True):
+        generation = _submit(engine, lively, prompt, adapter=adapter, sampling=sampling)
+        _assert_greedy(generation, ids, text, prompt[:40])
+
+
+def test_greedy_answers_are_the_same_in_a_shared_batch(lively, expected, make_engine):
+    """Versions, penalties, prompt and answer lengths mixed in one batch, more requests than
+    slots: requests join the running batch as others leave it, each at its own position."""
+    engine = make_engine(max_batch=6)
+    lengths = [N, 9, 30, 4, 41, 17, 23]
+    combinations = [(p, a, r) for r in (1.0, 1.3) for a in (None, "lora", "rslora") for p in PROMPTS]
+    requests, answers = [], []
+    for i, (prompt, adapter, penalty) in enumerate(combinations):
+        length = lengths[i % len(lengths)]
+        options = {"adapter": adapter, "sampling": Sampling(repetition_penalty=penalty), "max_new_tokens": length}
+        requests.append((prompt, options))
+        answers.append(expected(prompt, adapter, repetition_penalty=penalty, max_new_tokens=length))
+    generations = _submit_together(engine, lively, requests)
+    spans = []
+    for generation, (ids, text), request in zip(generations, answers, requests, strict=True):
+        completion = _assert_greedy(generation, ids, text, request)
+        spans.append((generation.sequences[0].started_at, completion.finished_at))
+    # The batch was full at once, and refilled while it ran.
+    first_done = min(end for _, end in spans)
+    assert sum(start < first_done for start, _ in spans) == 6
+    assert any(start > first_done and any(s < start < e for s, e in spans) for start, _ in spans)
+
+
+def _tokens(generation):
+    """The completions of ``generation`` by index, once done, with the ids each was made of."""
+    done = _collect(generation)
+    return {index: (completion, generation.sequences[index].tokens) for index, (completion, _) in done.items()}
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(lively, make_engine):
+    engine = make_engine(max_batch=4)
+    [(alone, alone_ids)] = _tokens(_submit(engine, lively, PROMPTS[0], sampling=SAMPLED)).values()
+    [(next_seed, _)] = _tokens(_submit(engine, lively, PROMPTS[0], sampling=replace(SAMPLED, seed=8))).values()
+    assert alone.text != next_seed.text
+    crowd = [
+        (PROMPTS[1], {"sampling": SAMPLED}),
+        (PROMPTS[0], {"sampling": SAMPLED, "adapter": "lora"}),
+        (PROMPTS[2], {}),
+        (PROMPTS[0], {"sampling": SAMPLED}),  # more requests than slots: this one waits for a slot
+        (PROMPTS[3], {"sampling": Sampling(temperature=1.2, seed=3)}),
+        (PROMPTS[0], {"sampling": SAMPLED, "max_new_tokens": 20}),
+        (PROMPTS[0], {"sampling": SAMPLED, "n": 2}),
+    ]
+    batched = [_tokens(g) for g in _submit_together(engine, lively, crowd)]
+    assert batched[3][0][0].text == alone.text and batched[3][0][1] == alone_ids
+    assert batched[5][0][1] == alone_ids[:20]
+    # Sequence i of a request draws with seed + i.
+    assert batched[6][0][0].text == alone.text and batched[6][1][0].text == next_seed.text
+    assert batched[1][0][0].text != alone.text  # the adapter changes the distribution the draws pick from
+
+
+def _straddling_stops(lively, ids, text, count):
+    """Stop sequences of four characters that each begin in one token and end in the next,
+    found in ``text`` only where they begin: [(stop, where it begins)], in text order."""
+    found = []
+    for k in range(2, len(ids)):
+        start = len(lively.tokenizer.decode(ids[:k], skip_special_tokens=True).lstrip()) - 2
+        stop = text[start : start + 4]
+        if start < 8 or len(stop) < 4 or not stop.isascii() or not stop.isprintable() or stop != stop.strip():
+            continue
+        if text.find(stop) == start and not any(start < end + 4 for _, end in found):
+            found.append((stop, start))
+        if len(found) == count:
+            return found
+    raise AssertionError(f"no {count} stop sequences to cut {text!r} at")
+
+
+def _tokens_until(lively, ids, stop):
+    """How many tokens of ``ids`` make a text that holds ``stop``."""
+    return next(k for k in range(1, len(ids) + 1) if stop in lively.tokenizer.decode(ids[:k], skip_special_tokens=True))
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_the_text_ends_before_the_first_stop_sequence(lively, expected, make_engine, adapter):
+    ids, text = expected(PROMPTS[0], adapter)
+    (early, cut), (late, _) = _straddling_stops(lively, ids, text, 2)
+    engine = make_engine()
+    # The first in the text wins, whatever its place in the list.
+    [(completion, streamed)] = _collect(
+        _submit(engine, lively, PROMPTS[0], adapter=adapter, stops=(late, early))
+    ).values()
+    assert completion.text == text[:cut].rstrip() and early not in completion.text
+    assert completion.finish_reason == "stop"
+    assert completion.tokens == _tokens_until(lively, ids, early) < len(ids)  # generation stopped right there
+    assert streamed == completion.text
+    # A stop sequence the text never holds, whose start the answer ends with: held back while it
+    # could still come, given back at the end.
+    never = text[-2:] + "\x7f"
+    assert never not in text
+    [(completion, streamed)] = _collect(_submit(engine, lively, PROMPTS[0], adapter=adapter, stops=(never,))).values()
+    assert (completion.text, completion.finish_reason, completion.tokens) == (text, "length", N)
+    assert streamed == text
+
+
+def test_text_streams_as_it_is_generated(lively, expected, make_engine):
+    _, text = expected(PROMPTS[1])
+    engine = make_engine()
+    chunks = [payload for kind, _, payload in _submit(engine, lively, PROMPTS[1]) if kind == "chunk"]
+    assert len(chunks) > N // 4 and "".join(chunks) == text
+
+
+def test_max_new_tokens_caps_the_answer(lively, expected, make_engine):
+    ids, text = expected(PROMPTS[0], max_new_tokens=5)
+    engine = make_engine()
+    [(completion, streamed)] = _collect(_submit(engine, lively, PROMPTS[0], max_new_tokens=5)).values()
+    assert (completion.text, completion.finish_reason, completion.tokens) == (text, "length", 5)
+    assert streamed == text
+
+
+def test_a_full_queue_refuses_with_a_retry_delay_and_earlier_work_goes_on(lively, expected, make_engine, monkeypatch):
+    engine = make_engine(max_batch=1, max_queue=2)
+    _slow(engine, monkeypatch)
+    running = _submit(engine, lively, PROMPTS[0])
+    assert _eventually(lambda: engine.load() == (1, 0))
+    waiting = [_submit(engine, lively, prompt, max_new_tokens=8) for prompt in PROMPTS[1:3]]
+    with pytest.raises(QueueFull) as refused:
+        _submit(engine, lively, PROMPTS[3], max_new_tokens=8)
+    assert isinstance(refused.value.retry_after, int) and refused.value.retry_after >= 1
+    assert engine.load() == (1, 2)
+    _assert_greedy(running, *expected(PROMPTS[0]), "running")
+    for generation, prompt in zip(waiting, PROMPTS[1:3], strict=True):
+        _assert_greedy(generation, *expected(prompt, max_new_tokens=8), prompt)
+    # The queue drained: taken again.
+    _assert_greedy(
+        _submit(engine, lively, PROMPTS[3], max_new_tokens=8), *expected(PROMPTS[3], max_new_tokens=8), "after"
+    )
+
+
+def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_engine, monkeypatch):
+    engine = make_engine(max_batch=1)
+    _slow(engine, monkeypatch)  # N tokens take about a second
+    running = _submit(engine, lively, PROMPTS[0], timeout=0.3)
+    waiting = _submit(engine, lively, PROMPTS[1], timeout=0.1)  # never gets the slot in time
+    [(late, _)] = _collect(waiting).values()
+    [(cut_short, _)] = _collect(running).values()
+    assert (late.finish_reason, late.tokens, late.text) == ("timeout", 0, "")
+    assert late.finished_at < cut_short.finished_at  # not kept waiting for the slot
+    assert cut_short.finish_reason == "timeout" and 0 < cut_short.tokens < N
+    assert cut_short.finished_at - running.submitted_at < 1.0
+    ids, _ = expected(PROMPTS[0])
+    assert cut_short.text == lively.text(ids[: cut_short.tokens])
+    assert engine.load() == (0, 0)
+
+
+def test_cancel_frees_the_slot_for_the_next_request(lively, expected, make_engine, monkeypatch):
+    engine = make_engine(max_batch=1)
+    _slow(engine, monkeypatch)
+    first = _submit(engine, lively, PROMPTS[0])
+    assert _eventually(lambda: engine.load() == (1, 0))
+    second = _submit(engine, lively, PROMPTS[1])
+    third = _submit(engine, lively, PROMPTS[2])
+    assert engine.load() == (1, 2)
+    third.cancel()  # waiting: it leaves the queue without running
+    first.cancel()
+    assert _eventually(lambda: second.first_token_at is not None, timeout=1.0)  # admitted
+    assert engine.load() == (1, 0)
+    [(cancelled, _)] = _collect(first).values()
+    assert cancelled.finish_reason == "cancelled" and cancelled.tokens < N
+    [(never_ran, _)] = _collect(third).values()
+    assert (never_ran.finish_reason, never_ran.tokens) == ("cancelled", 0)
+    # The slot's cache held the cancelled request: the next one answers as it would alone.
+    second_ids, _ = expected(PROMPTS[1])
+    assert _eventually(lambda: len(second.sequences[0].tokens) >= 4)
+    second.cancel()
+    assert _eventually(lambda: engine.load() == (0, 0), timeout=1.0), engine.load()
+    [(stopped, _)] = _collect(second).values()
+    assert stopped.finish_reason == "cancelled" and 4 <= stopped.tokens < N
+    assert second.sequences[0].tokens == second_ids[: stopped.tokens]
+
+
+def _logits(engine, ids):
+    """The next-token logits after ``ids``, fed one token at a time through the decode path
+    into slot 0 while the scheduler waits for work."""
+    with torch.inference_mode():
+        for position, token in enumerate(ids):
+            logits = engine._forward(torch.tensor([[token]]), torch.tensor([position]), prefill=False)
+    return logits[0]
+
+
+def test_int8_weights_stay_close_to_fp32(lively, make_engine):
+    full, quantized = make_engine(), make_engine(quantize="int8")
+    assert quantized.decoder.layers[0].qkv.weight.dtype == torch.int8
+    assert quantized.decoder.nbytes() < full.decoder.nbytes()
+    for prompt in PROMPTS:
+        ids = lively.ids(prompt)
+        with torch.inference_mode():
+            reference = lively.model(torch.tensor([ids])).logits[0, -1]
+        exact, approximate = _logits(full, ids), _logits(quantized, ids)
+        torch.testing.assert_close(exact, reference, atol=1e-4, rtol=1e-4)
+        assert not torch.equal(approximate, exact)
+        assert torch.nn.functional.cosine_similarity(approximate, exact, dim=0) > 0.995
+        assert (approximate - exact).abs().max() < 0.25 * exact.std()
+        # Through the scheduler (long prompts are one dequantised product), the first tokens agree.
+        [(_, fp32_ids)] = _tokens(_submit(full, lively, prompt, max_new_tokens=4)).values()
+        [(_, int8_ids)] = _tokens(_submit(quantized, lively, prompt, max_new_tokens=4)).values()
+        assert int8_ids == fp32_ids, prompt
