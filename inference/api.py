@@ -41,7 +41,7 @@ class GenerateView(APIView):
                 '`{"index": 0, "text": "..."}` for each piece of text as it is produced; then `event: done` with '
                 "the same body as the JSON answer (whole text, finish reasons, usage, model version, timings); or "
                 '`event: error` with `{"detail": "...", "status": 504}` if the time limit passes. Disconnecting '
-                "stops the generation."
+                "stops the generation.",
             ),
             400: OpenApiResponse(description="Invalid request: the body names each bad field and the reason."),
             503: OpenApiResponse(
