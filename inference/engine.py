@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
-# Above this many rows (a prompt), an int8 projection is dequantised once and run as one fp32
-# matrix product: the int8 kernel is built for the few rows of a decode step.
+# Above this many rows (a prompt), an int8 projection runs its fp32 weights: the int8 kernel
+# is built for the few rows of a decode step.
 _INT8_KERNEL_MAX_ROWS = 16
 _EXACT_CANDIDATES = 64
 
@@ -69,32 +69,31 @@ class _Projection:
 
         self.bias = bias
         self.out_features = weight.shape[0]
+        # fp32 always: a prompt (many rows at once) is compute-bound, and fp32 products beat
+        # dequantising int8 on every prompt by a third here (bf16 products are slower still).
+        self.dense = self.weight = weight.contiguous()
+        self.scales = None
         if quantize == "int8":
+            # Decoding (a few rows per step) is bound by the bytes read: int8 with one scale per
+            # output channel, for the weight-only kernel that takes bf16 activations.
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = scales.to(torch.float32)
-            self.scales_bf16 = scales.to(torch.bfloat16)
-        else:
-            self.weight = weight.contiguous()
-            self.scales = None
+            self.scales = scales.to(torch.bfloat16)
 
     def __call__(self, x):
         import torch
         import torch.nn.functional as F
 
-        if self.scales is None:
-            return F.linear(x, self.weight, self.bias)
-        if x.shape[0] > _INT8_KERNEL_MAX_ROWS:
-            y = F.linear(x.to(torch.float32), self.weight.to(torch.float32) * self.scales[:, None])
-        else:
-            # bf16 out: the next operation (residual add, rotary, gate) promotes it to fp32 for free,
-            # and the down projection wants bf16 in anyway.
-            y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales_bf16)
+        if self.scales is None or x.shape[0] > _INT8_KERNEL_MAX_ROWS:
+            return F.linear(x.to(torch.float32), self.dense, self.bias)
+        # bf16 out: the next operation (residual add, rotary, gate) promotes it to fp32 for free,
+        # and the down projection wants bf16 in anyway.
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def nbytes(self):
-        size = self.weight.numel() * self.weight.element_size()
-        return size + (0 if self.scales is None else self.scales.numel() * 6)
+        size = self.dense.numel() * 4
+        return size + (0 if self.scales is None else self.weight.numel() + self.scales.numel() * 2)
 
 
 @dataclass
@@ -171,10 +170,6 @@ class DecoderWeights:
             self.norm = model.model.norm.weight.detach()
             self.embed = model.model.embed_tokens.weight.detach()
             self.lm_head = _Projection(model.lm_head.weight.detach(), None, quantize)
-            # fp32 output-head rows, to rescore the best candidates of the int8 head exactly (the
-            # int8 kernel returns bf16 logits, 0.125 apart at 20). Tied to the embeddings in
-            # SmolLM2: no extra memory.
-            self.lm_head_exact = model.lm_head.weight.detach() if quantize != "none" else None
             # transformers' own rotary module, evaluated once for every position: any rope variant the
             # checkpoint declares, with the same arithmetic as at training time.
             positions = torch.arange(self.max_positions)[None]
@@ -201,7 +196,9 @@ class DecoderWeights:
     def nbytes(self):
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         total = sum(p.nbytes() for p in projections) + self.embed.numel() * 4
-        return total + (self.lm_head.nbytes() if self.quantize != "none" else 0)
+        if self.lm_head.dense.data_ptr() != self.embed.data_ptr():  # not tied
+            total += self.lm_head.dense.numel() * 4
+        return total + (0 if self.lm_head.scales is None else self.lm_head.weight.numel() + self.vocab_size * 2)
 
 
 class Adapter:
@@ -379,6 +376,7 @@ class _Sequence:
 
 class Engine:
     def __init__(self, decoder, tokenizer, *, stop_token_ids, max_batch, max_queue, max_tokens, name="engine"):
+        import numpy
         import torch
 
         self.decoder = decoder
@@ -388,8 +386,11 @@ class Engine:
         self.max_queue = max_queue
         self.max_tokens = min(max_tokens, decoder.max_positions)
         shape = (len(decoder.layers), max_batch, decoder.num_kv_heads, self.max_tokens, decoder.head_dim)
-        self._keys = torch.zeros(shape)
-        self._values = torch.zeros(shape)
+        # Zeroed by the OS page by page as first touched (calloc): memory grows with the
+        # context lengths in use, not with the worst case. Zeros, not garbage: a masked position
+        # still multiplies a probability of 0 by what it holds, and 0 x NaN is NaN.
+        self._keys = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+        self._values = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
         self._pending = deque()
         self._active = []  # the sequence in slot i of the cache is _active[i]
         self._cond = threading.Condition()
@@ -433,11 +434,14 @@ class Engine:
         with self._cond:
             return len(self._active), len(self._pending)
 
-    def close(self):
-        """Stop once the sequences in flight and waiting are done."""
+    def close(self, *, wait=0.0):
+        """Stop once the sequences in flight and waiting are done; wait up to
+        ``wait`` seconds for that."""
         with self._cond:
             self._closing = True
             self._cond.notify()
+        if wait:
+            self._thread.join(wait)
 
     # The scheduler thread.
 
@@ -652,10 +656,11 @@ class Engine:
             hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters)
         last = _rms_norm(hidden if every else hidden.view(batch, length, -1)[:, -1], d.norm, d.eps)
         logits = d.lm_head(last).to(torch.float32)
-        if d.lm_head_exact is not None:
-            # Greedy picks and nearly all sampled mass are among the best few: make those exact.
+        if d.lm_head.scales is not None and last.shape[0] <= _INT8_KERNEL_MAX_ROWS:
+            # The int8 head's logits are bf16, 0.125 apart at 20. A greedy pick and nearly all sampled
+            # mass are among the best few: rescore those exactly with the fp32 rows.
             best = logits.topk(_EXACT_CANDIDATES, dim=-1).indices  # [rows, k]
-            exact = torch.einsum("rd,rkd->rk", last, d.lm_head_exact[best])
+            exact = torch.einsum("rd,rkd->rk", last, d.lm_head.dense[best])
             logits.scatter_(1, best, exact)
         return logits
 
