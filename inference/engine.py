@@ -24,11 +24,12 @@ per row of the batch, so one batch mixes the base model and any adapters.
 
 import logging
 import math
+import os
 import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ QUANTIZE_CHOICES = ("none", "int8")
 # is built for the few rows of a decode step.
 _INT8_KERNEL_MAX_ROWS = 16
 _EXACT_CANDIDATES = 64
+# Prompt openings whose keys and values are kept for reuse (per engine), how long they may be,
+# and the shortest worth copying.
+_PREFIXES_KEPT = 4
+_PREFIX_MAX_TOKENS = 256
+_PREFIX_MIN_TOKENS = 8
 
 
 class EngineError(Exception):
@@ -391,6 +397,7 @@ class Engine:
         # still multiplies a probability of 0 by what it holds, and 0 x NaN is NaN.
         self._keys = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
         self._values = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+        self._prefixes = OrderedDict()  # (adapter, token ids) -> (ids, keys, values), oldest first
         self._pending = deque()
         self._active = []  # the sequence in slot i of the cache is _active[i]
         self._cond = threading.Condition()
@@ -497,10 +504,47 @@ class Engine:
         slot = len(self._active)
         self._active.append(sequence)
         sequence.started_at = time.monotonic()
-        ids = torch.tensor(generation.prompt_ids)
-        logits = self._forward(ids[None], None, prefill=True, slot=slot, adapter=sequence.adapter)
+        ids = generation.prompt_ids
+        start = self._prefix_reuse(sequence.adapter, ids, slot)
+        tokens = torch.tensor([ids[start:]])
+        logits = self._forward(tokens, None, prefill=True, slot=slot, adapter=sequence.adapter, start=start)
+        self._prefix_keep(sequence.adapter, ids, slot)
         sequence.position = len(ids)
         self._emit(slot, sequence, logits[0])
+
+    def _prefix_reuse(self, adapter, ids, slot):
+        """Copy into ``slot`` the keys and values of the longest opening this prompt shares
+        with a recent one on the same adapter; returns its length (0: none). Prompts built by
+        one template share their first dozens of tokens (about half of a product prompt)."""
+        best, entry = 0, None
+        for key, (cached_ids, keys, values) in self._prefixes.items():
+            if key[0] is not adapter:
+                continue
+            shared = len(os.path.commonprefix([cached_ids, ids[: len(cached_ids)]]))
+            if shared > best:
+                best, entry = shared, (key, keys, values)
+        best = min(best, len(ids) - 1)  # the last prompt token must run: its logits are the answer's first
+        if best < _PREFIX_MIN_TOKENS:
+            return 0
+        key, keys, values = entry
+        self._prefixes.move_to_end(key)
+        self._keys[:, slot, :, :best] = keys[:, :, :best]
+        self._values[:, slot, :, :best] = values[:, :, :best]
+        return best
+
+    def _prefix_keep(self, adapter, ids, slot):
+        length = min(len(ids), _PREFIX_MAX_TOKENS)
+        key = (adapter, tuple(ids[:length]))
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return
+        self._prefixes[key] = (
+            list(ids[:length]),
+            self._keys[:, slot, :, :length].clone(),
+            self._values[:, slot, :, :length].clone(),
+        )
+        while len(self._prefixes) > _PREFIXES_KEPT:
+            self._prefixes.popitem(last=False)
 
     def _step(self):
         import torch
@@ -596,9 +640,10 @@ class Engine:
         with torch.inference_mode():
             return self._forward(torch.tensor([token_ids]), None, prefill=True, adapter=adapter, every=True)
 
-    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False):
+    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0):
         """Logits of the last position (of every position with ``every``).
-        Prefill: ``tokens`` is [1, T], one sequence's prompt, its keys and values
+        Prefill: ``tokens`` is [1, T], one sequence's prompt from position ``start``
+        (the keys and values before it already in ``slot``), its keys and values
         kept in ``slot`` (unless None). Decode: [B, 1], slot i at positions[i]."""
         import torch
         import torch.nn.functional as F
@@ -608,8 +653,10 @@ class Engine:
         rows = batch * length
         if prefill:
             adapters = [] if adapter is None else [(adapter, None)]
-            cos, sin = d.cos[:length], d.sin[:length]  # [T, hd]: broadcast over heads
-            mask = None
+            cos, sin = d.cos[start : start + length], d.sin[start : start + length]  # [T, hd]: over heads
+            span = start + length
+            # After a reused opening: each new token sees the opening and the new tokens up to itself.
+            mask = (torch.arange(span)[None] <= torch.arange(start, span)[:, None]) if start else None
         else:
             cos, sin = d.cos[positions][:, None, None], d.sin[positions][:, None, None]  # [B, 1, 1, hd]
             span = int(positions.max()) + 1
@@ -630,9 +677,18 @@ class Engine:
             v = qkv[:, q_width + kv_width :].view(batch, length, kv_heads, d.head_dim).transpose(1, 2)
             if prefill:
                 if slot is not None:
-                    self._keys[index, slot, :, :length] = k[0]
-                    self._values[index, slot, :, :length] = v[0]
-                attended = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, scale=scale, enable_gqa=True)
+                    self._keys[index, slot, :, start:span] = k[0]
+                    self._values[index, slot, :, start:span] = v[0]
+                if start:
+                    keys = self._keys[index, slot : slot + 1, :, :span]
+                    values = self._values[index, slot : slot + 1, :, :span]
+                    attended = F.scaled_dot_product_attention(
+                        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+                    )
+                else:
+                    attended = F.scaled_dot_product_attention(
+                        q, k, v, is_causal=length > 1, scale=scale, enable_gqa=True
+                    )
                 attended = attended.transpose(1, 2).reshape(rows, q_width)
             else:
                 self._keys[index, slots, :, positions] = k[:, :, 0]

@@ -13,6 +13,7 @@ that asked for that version, so one batch can mix versions.
 
 import atexit
 import ctypes
+import gc
 import json
 import logging
 import threading
@@ -102,6 +103,7 @@ def _stop_token_ids(tokenizer):
 def _memory_return():
     """Give the pages freed by a dropped model back to the OS: glibc keeps them otherwise,
     and a web process would stay hundreds of MB larger than what it uses."""
+    gc.collect()  # transformers models hold reference cycles: del alone frees nothing
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
