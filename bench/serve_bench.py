@@ -7,8 +7,8 @@ Everything uses the prepared SmolLM2 base (``python manage.py prepare_base_model
 the same prompts (the prompt builder on the first ``--prompts`` products of
 ``../shared/data/adidas_usa.csv``, mapped as the importer maps them), greedy
 decoding and at most ``--new-tokens`` new tokens. Each row is run one after
-the other in this one process (the HTTP rows against a gunicorn server this
-script starts), with the machine otherwise idle:
+the other, each in a fresh process (the HTTP rows against a gunicorn server
+this script starts), with the machine otherwise idle:
 
 1. baseline: transformers ``model.generate``, eager fp32 (no compile), one
    request at a time, with 1 and with 2 torch threads; the better of the two
@@ -171,7 +171,7 @@ def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
         latencies.append(completion.finished_at - generation.submitted_at)
         tokens += completion.tokens
     batched = summary(f"engine {quantize}, {clients} at once", latencies, tokens, time.perf_counter() - started)
-    engine.close()
+    engine.close(wait=10)
     return single, batched
 
 
@@ -329,6 +329,20 @@ def report(rows, baseline, checks):
         print(line)
 
 
+def _isolated(function, *args):
+    """Run ``function(*args)`` in a fresh process: each row measures the code it names, not
+    what earlier rows left in this process's memory and thread pools."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_call, (function.__name__, args))
+
+
+def _call(name, args):
+    django_setup()
+    return globals()[name](*args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -356,7 +370,7 @@ def main(argv=None):
     quantizes = [q for q in args.quantize.split(",") if q]
 
     rows = []
-    baselines = [baseline_run(base_dir, prompts, args.new_tokens, threads) for threads in (1, 2)]
+    baselines = [_isolated(baseline_run, base_dir, prompts, args.new_tokens, threads) for threads in (1, 2)]
     rows.extend(baselines)
     best = max(baselines, key=lambda row: row["single_tok_s"])
     base_tok_s = best["single_tok_s"]
@@ -364,7 +378,9 @@ def main(argv=None):
 
     engine_single = {}
     for quantize in quantizes:
-        single, batched = engine_run(base_dir, prompts, args.new_tokens, quantize, args.clients, args.threads)
+        single, batched = _isolated(
+            engine_run, base_dir, prompts, args.new_tokens, quantize, args.clients, args.threads
+        )
         rows.extend([single, batched])
         engine_single[quantize] = single
         ratio = single["single_tok_s"] / base_tok_s

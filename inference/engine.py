@@ -382,8 +382,6 @@ class _Sequence:
 
 class Engine:
     def __init__(self, decoder, tokenizer, *, stop_token_ids, max_batch, max_queue, max_tokens, name="engine"):
-        import numpy
-        import torch
 
         self.decoder = decoder
         self.tokenizer = tokenizer
@@ -392,11 +390,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_tokens = min(max_tokens, decoder.max_positions)
         shape = (len(decoder.layers), max_batch, decoder.num_kv_heads, self.max_tokens, decoder.head_dim)
-        # Zeroed by the OS page by page as first touched (calloc): memory grows with the
-        # context lengths in use, not with the worst case. Zeros, not garbage: a masked position
-        # still multiplies a probability of 0 by what it holds, and 0 x NaN is NaN.
-        self._keys = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
-        self._values = torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+        self._keys, self._values = _lazy_zeros(shape), _lazy_zeros(shape)
         self._prefixes = OrderedDict()  # (adapter, token ids) -> (ids, keys, values), oldest first
         self._pending = deque()
         self._active = []  # the sequence in slot i of the cache is _active[i]
@@ -749,6 +743,23 @@ class Engine:
             else:
                 y = y.index_add(0, rows, (x[rows] @ a.T) @ b.T)
         return y
+
+
+def _lazy_zeros(shape):
+    """A float32 tensor of zeros whose pages the OS zeroes as they are first touched
+    (calloc), in 4 KB pages (no transparent huge pages, which numpy asks for): the key/value
+    cache then takes memory for the context lengths in use, not for the worst case. Zeros,
+    not garbage: a masked position still multiplies a probability of 0 by what it holds,
+    and 0 x NaN is NaN."""
+    import numpy
+    import torch
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    previous = _set_madvise_hugepage(False)
+    try:
+        return torch.from_numpy(numpy.zeros(shape, dtype=numpy.float32))
+    finally:
+        _set_madvise_hugepage(previous)
 
 
 def _rms_norm(x, weight, eps):

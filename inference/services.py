@@ -1,4 +1,5 @@
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -8,6 +9,8 @@ from finetuning import prompts
 from finetuning.selectors import active_version_get
 from inference.generation import GenerationTimeout, generation_collect, generation_submit
 from inference.loader import ModelUnavailable, model_get
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,3 +125,17 @@ def _event(name, data):
 def text_generate(*, params, product=None, prompt=None, version=None):
     """Generate and wait: the API's response dict."""
     return run_result(generation_begin(params=params, product=product, prompt=prompt, version=version))
+
+
+def active_version_warm():
+    """Load the active version now (a web process starting), so that its first
+    request does not wait for the weights. Failures are logged, not raised: the
+    process still serves health checks and says why in /api/ready."""
+    version = active_version_get()
+    if version is None:
+        return None
+    try:
+        return model_get(version)
+    except ModelUnavailable:
+        logger.exception("The active version %s cannot be loaded", version.name)
+        return None
