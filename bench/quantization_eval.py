@@ -91,14 +91,20 @@ def evaluate(version, quantize, examples, new_tokens):
 
     from finetuning import prompts
     from inference import loader
-    from inference.generation import GenerationParams, generate
+    from inference.generation import GenerationParams, generation_collect, generation_submit
 
     loader.cache_clear()
     with override_settings(INFERENCE_QUANTIZE=quantize, GENERATE_QUEUE_SIZE=len(examples) + 1):
         loaded = loader.model_get(version)
     tokenizer = loaded.tokenizer
-    nll, targets, outputs = 0.0, 0, []
+    nll, targets = 0.0, 0
     started = time.monotonic()
+    # All at once: the engine batches them, as it would concurrent clients.
+    params = GenerationParams(max_new_tokens=new_tokens)
+    submitted = [
+        generation_submit(loaded, prompts.product_prompt(attributes), params, timeout=3600)
+        for attributes, _ in examples
+    ]
     for attributes, description in examples:
         prompt, completion = prompts.training_pair(attributes, description)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -107,9 +113,8 @@ def evaluate(version, quantize, examples, new_tokens):
         predicted = logits[len(prompt_ids) - 1 : -1]
         nll += float(F.cross_entropy(predicted, torch.tensor(target_ids), reduction="sum"))
         targets += len(target_ids)
-        [completion] = generate(loaded, prompt, GenerationParams(max_new_tokens=new_tokens), timeout=3600).completions
-        outputs.append(completion)
-    loader.cache_clear()
+    outputs = [generation_collect(generation, count).completions[0] for generation, count in submitted]
+    loader.cache_clear(wait=10)
     loss = nll / targets
     return {
         "quantize": quantize,

@@ -19,7 +19,8 @@ this script starts), with the machine otherwise idle:
 3. http: ``gunicorn -c docker/gunicorn.conf.py`` with one worker process on a
    scratch SQLite database whose active version is the base model; one client
    (plain JSON, then streaming: time to first token), then ``--clients``
-   concurrent clients each sending ``--prompts`` requests; for each
+   concurrent clients each sending the ``--prompts`` requests, each client
+   starting at a different one; for each
    ``--quantize`` setting.
 
 Tokens per second: completion tokens / wall time of the requests (prompt
@@ -284,8 +285,10 @@ def http_run(server, products, new_tokens, clients):
 
     results, errors = [], []
 
-    def client():
-        for product in products:
+    def client(offset):
+        # Each client starts at another product: in-flight prompts differ, as with real traffic
+        # (identical prompts would share their keys and values whole).
+        for product in products[offset:] + products[:offset]:
             t = time.perf_counter()
             try:
                 answer = json.loads(_post(server, {**body, "product": product}).read())
@@ -295,7 +298,7 @@ def http_run(server, products, new_tokens, clients):
             results.append((time.perf_counter() - t, answer["usage"]["completion_tokens"]))
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(i % len(products),)) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
