@@ -9,7 +9,8 @@ none``) and int8, and for each it computes:
 
 - validation loss and perplexity of the reference descriptions, teacher-forced
   with the training prompt (the loss training reports: mean over description
-  tokens and the end-of-turn marker);
+  tokens and the end-of-turn marker), computed the way serving computes: the
+  prompt in one pass, the description in decode-sized pieces (the int8 path);
 - ROUGE-L F1 (word level, longest common subsequence) of the greedy output
   against the reference description;
 - mean words per output, and the share of outputs cut off by ``--new-tokens``;
@@ -84,6 +85,31 @@ def rouge_l(candidate, reference):
     return 2 * precision * recall / (precision + recall)
 
 
+def served_logits(scorer, prompt_ids, target_ids, adapter):
+    """The logits predicting each target token, computed as serving computes them: the
+    prompt in one pass (fp32 weights, as for every prompt), then the continuation in
+    pieces of at most the rows a decode step has, which run the int8 kernel when quantized.
+    Scoring the whole text in one pass would use the fp32 weights throughout and measure
+    nothing of int8."""
+    import torch
+
+    from inference.engine import _INT8_KERNEL_MAX_ROWS
+
+    with torch.inference_mode():
+        prompt = scorer._forward(torch.tensor([prompt_ids]), None, prefill=True, slot=0, adapter=adapter)
+        pieces, position = [prompt], len(prompt_ids)
+        rest = target_ids[:-1]
+        for offset in range(0, len(rest), _INT8_KERNEL_MAX_ROWS):
+            chunk = rest[offset : offset + _INT8_KERNEL_MAX_ROWS]
+            pieces.append(
+                scorer._forward(
+                    torch.tensor([chunk]), None, prefill=True, slot=0, adapter=adapter, start=position, every=True
+                )  # fmt: skip
+            )
+            position += len(chunk)
+    return torch.cat(pieces)
+
+
 def evaluate(version, quantize, examples, new_tokens):
     import torch
     import torch.nn.functional as F
@@ -91,6 +117,7 @@ def evaluate(version, quantize, examples, new_tokens):
 
     from finetuning import prompts
     from inference import loader
+    from inference.engine import Engine
     from inference.generation import GenerationParams, generation_collect, generation_submit
 
     loader.cache_clear()
@@ -99,6 +126,9 @@ def evaluate(version, quantize, examples, new_tokens):
     tokenizer = loaded.tokenizer
     nll, targets = 0.0, 0
     started = time.monotonic()
+    # A one-slot engine of its own on the same weights, driven directly: its cache is scratch.
+    scorer = Engine(loaded.weights.decoder, tokenizer, stop_token_ids=[], max_batch=1, max_queue=1,
+                    max_tokens=loaded.max_positions, name="scorer")  # fmt: skip
     # All at once: the engine batches them, as it would concurrent clients.
     params = GenerationParams(max_new_tokens=new_tokens)
     submitted = [
@@ -109,11 +139,11 @@ def evaluate(version, quantize, examples, new_tokens):
         prompt, completion = prompts.training_pair(attributes, description)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        logits = loaded.engine.logits(prompt_ids + target_ids, adapter=loaded.adapter)
-        predicted = logits[len(prompt_ids) - 1 : -1]
+        predicted = served_logits(scorer, prompt_ids, target_ids, loaded.adapter)
         nll += float(F.cross_entropy(predicted, torch.tensor(target_ids), reduction="sum"))
         targets += len(target_ids)
     outputs = [generation_collect(generation, count).completions[0] for generation, count in submitted]
+    scorer.close(wait=10)
     loader.cache_clear(wait=10)
     loss = nll / targets
     return {
