@@ -11,7 +11,6 @@ of each other: the engine's rounding differs from transformers' by about
 
 import copy
 import json
-import time
 from dataclasses import replace
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 
 from finetuning import prompts
 from inference.engine import Adapter, DecoderWeights, Engine, QueueFull, Sampling
+from tests.inference.waiting import eventually, slow_steps
 
 N = 48  # new tokens per reference answer
 PROMPTS = [
@@ -168,26 +168,6 @@ def _collect(generation):
     return {index: (completion, chunks.get(index, "")) for index, completion in done.items()}
 
 
-def _slow(engine, monkeypatch, seconds=0.02):
-    """A model this slow per step: time to act while a generation runs, whatever the machine."""
-    step = engine._step
-
-    def slow_step():
-        time.sleep(seconds)
-        step()
-
-    monkeypatch.setattr(engine, "_step", slow_step)
-
-
-def _eventually(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 def _assert_greedy(generation, expected_ids, expected_text, label):
     [(completion, streamed)] = _collect(generation).values()
     assert generation.sequences[0].tokens == expected_ids, label
@@ -328,9 +308,9 @@ def test_max_new_tokens_caps_the_answer(lively, expected, make_engine):
 
 def test_a_full_queue_refuses_with_a_retry_delay_and_earlier_work_goes_on(lively, expected, make_engine, monkeypatch):
     engine = make_engine(max_batch=1, max_queue=2)
-    _slow(engine, monkeypatch)
+    slow_steps(engine, monkeypatch)
     running = _submit(engine, lively, PROMPTS[0])
-    assert _eventually(lambda: engine.load() == (1, 0))
+    assert eventually(lambda: engine.load() == (1, 0))
     waiting = [_submit(engine, lively, prompt, max_new_tokens=8) for prompt in PROMPTS[1:3]]
     with pytest.raises(QueueFull) as refused:
         _submit(engine, lively, PROMPTS[3], max_new_tokens=8)
@@ -347,7 +327,7 @@ def test_a_full_queue_refuses_with_a_retry_delay_and_earlier_work_goes_on(lively
 
 def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_engine, monkeypatch):
     engine = make_engine(max_batch=1)
-    _slow(engine, monkeypatch)  # N tokens take about a second
+    slow_steps(engine, monkeypatch)  # N tokens take about a second
     running = _submit(engine, lively, PROMPTS[0], timeout=0.3)
     waiting = _submit(engine, lively, PROMPTS[1], timeout=0.1)  # never gets the slot in time
     [(late, _)] = _collect(waiting).values()
@@ -363,15 +343,15 @@ def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_en
 
 def test_cancel_frees_the_slot_for_the_next_request(lively, expected, make_engine, monkeypatch):
     engine = make_engine(max_batch=1)
-    _slow(engine, monkeypatch)
+    slow_steps(engine, monkeypatch)
     first = _submit(engine, lively, PROMPTS[0])
-    assert _eventually(lambda: engine.load() == (1, 0))
+    assert eventually(lambda: engine.load() == (1, 0))
     second = _submit(engine, lively, PROMPTS[1])
     third = _submit(engine, lively, PROMPTS[2])
     assert engine.load() == (1, 2)
     third.cancel()  # waiting: it leaves the queue without running
     first.cancel()
-    assert _eventually(lambda: second.first_token_at is not None, timeout=1.0)  # admitted
+    assert eventually(lambda: second.first_token_at is not None, timeout=1.0)  # admitted
     assert engine.load() == (1, 0)
     [(cancelled, _)] = _collect(first).values()
     assert cancelled.finish_reason == "cancelled" and cancelled.tokens < N
@@ -379,9 +359,9 @@ def test_cancel_frees_the_slot_for_the_next_request(lively, expected, make_engin
     assert (never_ran.finish_reason, never_ran.tokens) == ("cancelled", 0)
     # The slot's cache held the cancelled request: the next one answers as it would alone.
     second_ids, _ = expected(PROMPTS[1])
-    assert _eventually(lambda: len(second.sequences[0].tokens) >= 4)
+    assert eventually(lambda: len(second.sequences[0].tokens) >= 4)
     second.cancel()
-    assert _eventually(lambda: engine.load() == (0, 0), timeout=1.0), engine.load()
+    assert eventually(lambda: engine.load() == (0, 0), timeout=1.0), engine.load()
     [(stopped, _)] = _collect(second).values()
     assert stopped.finish_reason == "cancelled" and 4 <= stopped.tokens < N
     assert second.sequences[0].tokens == second_ids[: stopped.tokens]

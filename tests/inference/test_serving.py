@@ -19,6 +19,7 @@ import pytest
 
 from finetuning.services.versions import version_activate
 from inference import loader
+from tests.inference.waiting import eventually, slow_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the server's threads must see the test's rows
 
@@ -65,28 +66,8 @@ class _Stream:
         self.connection.close()
 
 
-def _slow(engine, monkeypatch, seconds=0.02):
-    """A model this slow per step: time to act while a generation runs, whatever the machine."""
-    step = engine._step
-
-    def slow_step():
-        time.sleep(seconds)
-        step()
-
-    monkeypatch.setattr(engine, "_step", slow_step)
-
-
-def _eventually(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_a_stream_sends_text_as_it_comes_then_the_whole_answer(base_version, live_server, monkeypatch):
-    _slow(loader.model_get(base_version).engine, monkeypatch)  # 40 tokens: about a second
+    slow_steps(loader.model_get(base_version).engine, monkeypatch)  # 40 tokens: about a second
     stream = _Stream(live_server, SAMPLED)
     assert stream.response.status == 200
     assert stream.response.getheader("Content-Type") == "text/event-stream"
@@ -123,14 +104,14 @@ def test_a_client_that_disconnects_mid_stream_frees_its_place_in_the_batch(
 ):
     settings.INFERENCE_MAX_BATCH = 1
     engine = loader.model_get(base_version).engine
-    _slow(engine, monkeypatch)
+    slow_steps(engine, monkeypatch)
     stream = _Stream(live_server, {**SAMPLED, "max_new_tokens": 256})  # about five seconds at this speed
     events = stream.events()
     assert next(events)[0] == "chunk"
     assert engine.load() == (1, 0)
     stream.close()
     # At this speed the answer had seconds to go.
-    assert _eventually(lambda: engine.load() == (0, 0), timeout=2.0), "the generation went on without its client"
+    assert eventually(lambda: engine.load() == (0, 0), timeout=2.0), "the generation went on without its client"
     status, _, body = _post(live_server, {"product": PRODUCT, "max_new_tokens": 4})
     assert status == 200 and body["usage"]["completion_tokens"] == 4
 
@@ -139,7 +120,7 @@ def test_a_full_queue_answers_503_with_retry_after(base_version, live_server, se
     settings.INFERENCE_MAX_BATCH = 1
     settings.GENERATE_QUEUE_SIZE = 1
     engine = loader.model_get(base_version).engine
-    _slow(engine, monkeypatch)
+    slow_steps(engine, monkeypatch)
     running = _Stream(live_server, {**SAMPLED, "max_new_tokens": 256})
     events = running.events()
     assert next(events)[0] == "chunk"
@@ -148,7 +129,7 @@ def test_a_full_queue_answers_503_with_retry_after(base_version, live_server, se
         target=lambda: answers.append(_post(live_server, {"product": PRODUCT, "max_new_tokens": 4}))
     )
     waiting.start()
-    assert _eventually(lambda: engine.load() == (1, 1))
+    assert eventually(lambda: engine.load() == (1, 1))
     status, headers, body = _post(live_server, {"product": PRODUCT, "max_new_tokens": 4})
     assert status == 503 and "queue is full" in body["detail"]
     assert int(headers["Retry-After"]) >= 1
@@ -162,7 +143,7 @@ def test_a_full_queue_answers_503_with_retry_after(base_version, live_server, se
 
 def test_a_generation_over_the_time_limit_answers_504(base_version, live_server, settings, monkeypatch):
     settings.GENERATE_TIMEOUT_SECONDS = 0.3
-    _slow(loader.model_get(base_version).engine, monkeypatch)
+    slow_steps(loader.model_get(base_version).engine, monkeypatch)
     started = time.monotonic()
     status, headers, body = _post(live_server, {**SAMPLED, "max_new_tokens": 256})
     assert status == 504 and "GENERATE_TIMEOUT_SECONDS" in body["detail"]
@@ -199,7 +180,7 @@ def test_concurrent_seeded_requests_are_reproducible(base_version, live_server, 
     expected = {seed: _post(live_server, {**SAMPLED, "seed": seed})[2]["choices"] for seed in set(seeds)}
     assert len({json.dumps(choices) for choices in expected.values()}) == 3
     engine = loader.model_get(base_version).engine
-    _slow(engine, monkeypatch, 0.01)  # the requests surely overlap
+    slow_steps(engine, monkeypatch, 0.01)  # the requests surely overlap
 
     def ask(i, seed):
         answers[i] = _post(live_server, {**SAMPLED, "seed": seed})
