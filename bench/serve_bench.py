@@ -84,10 +84,12 @@ def baseline_run(base_dir, prompts, new_tokens, threads):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference.loader import _stop_token_ids
+
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
-    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    stops = _stop_token_ids(tokenizer)
     encoded = [tokenizer(p, return_tensors="pt", add_special_tokens=False) for p in prompts]
 
     def one(ids):

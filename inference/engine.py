@@ -625,15 +625,6 @@ class Engine:
 
     # The decoder.
 
-    def logits(self, token_ids, adapter=None):
-        """The logits at every position of one sequence, with teacher forcing
-        (to score text, as evaluation does). Safe beside the scheduler: it
-        reads the weights and writes no cache."""
-        import torch
-
-        with torch.inference_mode():
-            return self._forward(torch.tensor([token_ids]), None, prefill=True, adapter=adapter, every=True)
-
     def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0):
         """Logits of the last position (of every position with ``every``).
         Prefill: ``tokens`` is [1, T], one sequence's prompt from position ``start``

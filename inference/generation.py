@@ -42,7 +42,6 @@ class GenerationResult:
     prompt_tokens: int
     seed: int | None
     generate_seconds: float
-    first_token_seconds: float | None
 
 
 def generation_submit(loaded, prompt_text, params, *, timeout=None):
@@ -80,13 +79,11 @@ def generation_collect(generation, prompt_tokens):
         if event[0] == "done":
             completions[event[1]] = event[2]
     done = max(c.finished_at for c in completions.values())
-    first = generation.first_token_at
     return GenerationResult(
         completions=[completions[i] for i in sorted(completions)],
         prompt_tokens=prompt_tokens,
         seed=generation.seed,
         generate_seconds=done - generation.submitted_at,
-        first_token_seconds=None if first is None else first - generation.submitted_at,
     )
 
 
