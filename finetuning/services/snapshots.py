@@ -25,9 +25,16 @@ class SnapshotError(Exception):
     pass
 
 
+def _held_out(description):
+    """Whether an unassigned example with this description goes to validation: by a hash of
+    the description alone, so that products sharing one description (common in shop data)
+    land on the same side and no reference text is also trained on."""
+    return int(hashlib.sha256(description.encode()).hexdigest()[:8], 16) % 100 < VALIDATION_PERCENT
+
+
 def split_examples(rows):
     """Honour explicit splits; send ~10% of unassigned examples to validation,
-    chosen by content hash so the same example always lands on the same side."""
+    chosen by description hash so the same text always lands on the same side."""
     train, validation = [], []
     unassigned = [row for row in rows if row["split"] == TrainingExample.Split.UNASSIGNED]
     split_unassigned = len(unassigned) >= MIN_EXAMPLES_FOR_SPLIT
@@ -36,7 +43,7 @@ def split_examples(rows):
             validation.append(row)
         elif row["split"] == TrainingExample.Split.TRAIN or not split_unassigned:
             train.append(row)
-        elif int(row["content_hash"][:8], 16) % 100 < VALIDATION_PERCENT:
+        elif _held_out(row["description"]):
             validation.append(row)
         else:
             train.append(row)
@@ -55,7 +62,7 @@ def _split_note(rows, validation):
     if explicit:
         parts.append(f"{explicit} marked validation")
     if len(validation) > explicit:
-        parts.append(f"{len(validation) - explicit} of {unassigned} unassigned chosen by content hash")
+        parts.append(f"{len(validation) - explicit} of {unassigned} unassigned chosen by description hash")
     return "validation: " + ", ".join(parts)
 
 

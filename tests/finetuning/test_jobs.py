@@ -38,14 +38,37 @@ def test_job_start_queues_after_commit(base_version, dataset_factory, django_cap
 
 
 def test_split_honours_explicit_splits_and_is_deterministic():
-    rows = [{"split": "unassigned", "content_hash": hashlib.sha256(str(i).encode()).hexdigest()} for i in range(200)]
-    rows += [{"split": "validation", "content_hash": "f" * 64}, {"split": "train", "content_hash": "0" * 64}]
+    rows = [
+        {"split": "unassigned", "content_hash": hashlib.sha256(str(i).encode()).hexdigest(), "description": f"text {i}"}
+        for i in range(200)
+    ]
+    rows += [
+        {"split": "validation", "content_hash": "f" * 64, "description": "held"},
+        {"split": "train", "content_hash": "0" * 64, "description": "trained"},
+    ]
     train, validation = split_examples(rows)
     assert rows[-2] in validation and rows[-1] in train
     assert 10 <= len(validation) <= 40
     assert split_examples(rows) == (train, validation)
     small_train, small_validation = split_examples(rows[:5])
     assert small_validation == [] and len(small_train) == 5
+
+
+def test_products_sharing_a_description_land_on_the_same_side():
+    """Shop data reuses one description for several products: a split by row would
+    train on the very text it then validates against."""
+    rows = [
+        {
+            "split": "unassigned",
+            "content_hash": hashlib.sha256(f"{i}-{c}".encode()).hexdigest(),
+            "description": f"text {i}",
+        }
+        for i in range(100)
+        for c in ("red", "blue", "green")
+    ]
+    train, validation = split_examples(rows)
+    assert validation
+    assert not {row["description"] for row in train} & {row["description"] for row in validation}
 
 
 def test_a_job_trains_saves_safetensors_and_registers_a_version(base_version, dataset_factory, model_store):
