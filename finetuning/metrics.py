@@ -1,0 +1,203 @@
+"""Evaluation metrics of generated descriptions against references: plain
+functions of texts, no Django and no model.
+
+Scales: ROUGE-L, chrF and BLEU are 0-100 (as their packages and papers print
+them); shares (coverage, cut off, repetition, format failures) are 0-1.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+from finetuning.prompts import IM_END, IM_START, product_lines
+
+# The attributes whose values a description is expected to mention.
+COVERAGE_KEYS = ("name", "color", "category", "brand", "features")
+# Words too common to show that a value was mentioned.
+_STOPWORDS = frozenset("a an and at by for from in of on or the to with".split())
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_INSTRUCTION = "write a product description for this product"
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str
+    better: str  # "higher", "lower", or "" (no better direction: a description of the outputs)
+    percent: bool = False  # a 0-1 share, shown as a percentage
+
+
+METRICS = {
+    "validation_loss": Metric("validation loss", "lower"),
+    "perplexity": Metric("perplexity", "lower"),
+    "rouge_l": Metric("ROUGE-L F1", "higher"),
+    "chrf": Metric("chrF", "higher"),
+    "bleu": Metric("BLEU", "higher"),
+    "attribute_coverage": Metric("attribute coverage", "higher", percent=True),
+    "mean_words": Metric("mean words", ""),
+    "reference_mean_words": Metric("reference mean words", ""),
+    "length_ratio": Metric("length ratio to references", ""),
+    "cut_off_share": Metric("cut off by the token limit", "lower", percent=True),
+    "distinct_2": Metric("distinct-2", "higher"),
+    "repeated_4gram_share": Metric("outputs with a repeated 4-gram", "lower", percent=True),
+    "empty_share": Metric("empty outputs", "lower", percent=True),
+    "echo_share": Metric("outputs echoing the prompt", "lower", percent=True),
+    "format_failure_share": Metric("format failures (empty or echo)", "lower", percent=True),
+}
+
+
+def words(text):
+    return _WORD.findall(text.lower())
+
+
+def _fold(word):
+    """A crude singular, so that 'shoes' mentions 'shoe' and 'laces' mentions 'lace'."""
+    if len(word) > 4 and word.endswith("es") and word[-3] in "sxz":
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def attribute_values(attributes):
+    """The values a description should mention: the name whole, each feature, and each
+    part of a category or colour path ('Shoes / Women/Shoes' -> Shoes, Women)."""
+    values = []
+    for key in COVERAGE_KEYS:
+        value = attributes.get(key)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [str(value)]
+        if key in ("category", "color"):
+            items = [part for item in items for part in re.split(r"[/|>]", item)]
+        for item in items:
+            item = item.strip()
+            if item and item.lower() not in (v.lower() for v in values):
+                values.append(item)
+    return values
+
+
+def mentions(text, value):
+    """Whether ``text`` mentions ``value``: every content word of the value appears
+    in the text as a word (case and plural aside), in any order."""
+    needed = {_fold(w) for w in words(value) if w not in _STOPWORDS}
+    if not needed:
+        return False
+    return needed <= {_fold(w) for w in words(text)}
+
+
+def attribute_coverage(text, attributes):
+    """The share of the product's values the text mentions; None when it has none."""
+    values = [value for value in attribute_values(attributes) if any(w not in _STOPWORDS for w in words(value))]
+    if not values:
+        return None
+    return sum(mentions(text, value) for value in values) / len(values)
+
+
+def _ngrams(tokens, n):
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def has_repeated_ngram(text, n=4):
+    grams = _ngrams(words(text), n)
+    return len(grams) != len(set(grams))
+
+
+def distinct_n(texts, n=2):
+    """Distinct n-grams over all n-grams of all texts (corpus level); None without any."""
+    grams = [gram for text in texts for gram in _ngrams(words(text), n)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def echoes_prompt(text, attributes):
+    """Whether the output repeats the prompt instead of describing: chat markers, the
+    instruction, or at least two of the prompt's 'Label: value' lines (the only line
+    when there is one)."""
+    lowered = " ".join(text.lower().split())
+    if IM_START in text or IM_END in text or _INSTRUCTION in lowered:
+        return True
+    lines = [" ".join(line.lower().split()) for line in product_lines(attributes)]
+    echoed = sum(1 for line in lines if line in lowered)
+    return echoed >= min(2, len(lines)) if lines else False
+
+
+def rouge_l(candidates, references):
+    """Mean ROUGE-L F1 x 100 (the rouge-score package, Porter stemming)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [
+        scorer.score(reference, candidate)["rougeL"].fmeasure
+        for candidate, reference in zip(candidates, references, strict=True)
+    ]
+    return 100 * sum(scores) / len(scores) if scores else None
+
+
+def chrf(candidates, references):
+    from sacrebleu.metrics import CHRF
+
+    return CHRF().corpus_score(list(candidates), [list(references)]).score if candidates else None
+
+
+def bleu(candidates, references):
+    from sacrebleu.metrics import BLEU
+
+    return BLEU().corpus_score(list(candidates), [list(references)]).score if candidates else None
+
+
+def _mean(values):
+    values = [value for value in values if value is not None]
+    return sum(values) / len(values) if values else None
+
+
+def text_metrics(outputs, references, attributes, finish_reasons):
+    """Every metric of generated ``outputs`` (one per example) that needs no model."""
+    count = len(outputs)
+    if not count or not len(references) == len(attributes) == len(finish_reasons) == count:
+        raise ValueError("text_metrics needs one reference, attribute set and finish reason per output")
+    stripped = [text.strip() for text in outputs]
+    mean_words = _mean([len(words(text)) for text in stripped])
+    reference_words = _mean([len(words(text)) for text in references])
+    empty = [not text for text in stripped]
+    echo = [bool(text) and echoes_prompt(text, attrs) for text, attrs in zip(stripped, attributes, strict=True)]
+    return {
+        "rouge_l": rouge_l(stripped, references),
+        "chrf": chrf(stripped, references),
+        "bleu": bleu(stripped, references),
+        "attribute_coverage": _mean(attribute_coverage(t, a) for t, a in zip(stripped, attributes, strict=True)),
+        "mean_words": mean_words,
+        "reference_mean_words": reference_words,
+        "length_ratio": mean_words / reference_words if reference_words else None,
+        "cut_off_share": sum(reason == "length" for reason in finish_reasons) / count,
+        "distinct_2": distinct_n(stripped, 2),
+        "repeated_4gram_share": sum(has_repeated_ngram(text) for text in stripped) / count,
+        "empty_share": sum(empty) / count,
+        "echo_share": sum(echo) / count,
+        "format_failure_share": sum(e or c for e, c in zip(empty, echo, strict=True)) / count,
+    }
+
+
+def loss_metrics(loss):
+    return {"validation_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
+
+
+def metric_format(key, value):
+    if value is None:
+        return "–"
+    metric = METRICS.get(key)
+    if metric and metric.percent:
+        return f"{100 * value:.1f}%"
+    return f"{value:.4f}" if key in ("validation_loss", "distinct_2") else f"{value:.2f}"
+
+
+def is_worse(key, value, reference, *, tolerance=0.0):
+    """Whether ``value`` is worse than ``reference`` on metric ``key`` by more than
+    ``tolerance`` (in the metric's own units); metrics with no direction never are."""
+    better = METRICS[key].better
+    if value is None or reference is None or not better:
+        return False
+    return value < reference - tolerance if better == "higher" else value > reference + tolerance
+
+
+def improvement(key, value, reference):
+    """How much better ``value`` is than ``reference`` (negative: worse), in the metric's units."""
+    return value - reference if METRICS[key].better == "higher" else reference - value
