@@ -159,6 +159,104 @@ class ModelVersion(models.Model):
                 fields=["is_active"], condition=Q(is_active=True), name="modelversion_at_most_one_active"
             ),
         ]
+        permissions = [("activate_modelversion", "Can activate a model version and roll back")]
 
     def __str__(self):
         return self.name
+
+
+class Activation(models.Model):
+    """One change of the active version: who, when, from which to which, and why."""
+
+    class Kind(models.TextChoices):
+        INITIAL = "initial", "First version"
+        MANUAL = "manual", "By hand"
+        AUTO = "auto", "Promotion gate"
+        ROLLBACK = "rollback", "Roll back"
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="activations")
+    previous = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="deactivations"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    reason = models.TextField(blank=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    evaluation = models.ForeignKey("Evaluation", null=True, blank=True, on_delete=models.SET_NULL)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.previous or '–'} -> {self.version}"
+
+
+class Evaluation(models.Model):
+    """A version scored on its snapshot's validation examples next to the active
+    version and the base model, same examples, same decoding."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="evaluations")
+    snapshot = models.ForeignKey(DataSnapshot, null=True, blank=True, on_delete=models.PROTECT)
+    example_ids = models.JSONField(default=list, help_text="The examples scored, in order.")
+    samples = models.JSONField(default=list, help_text="[{id, attributes, reference}] in example order.")
+    decoding = models.JSONField(default=dict, help_text="Generation settings, the same for every version.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    progress = models.FloatField(default=0.0)
+    step = models.PositiveIntegerField(default=0)
+    total_steps = models.PositiveIntegerField(default=0)
+    eta_seconds = models.FloatField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    promotion = models.JSONField(default=dict, blank=True, help_text="The promotion gate's decision.")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    worker = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    time_limit_seconds = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version"],
+                condition=Q(status__in=["queued", "running"]),
+                name="evaluation_one_active_per_version",
+            ),
+        ]
+
+    def __str__(self):
+        return f"evaluation {self.pk} of {self.version}"
+
+    def score(self, role):
+        return next((s for s in self.scores.all() if s.role == role), None)
+
+
+class EvaluationScore(models.Model):
+    """One version's metrics and outputs in an evaluation."""
+
+    class Role(models.TextChoices):
+        CANDIDATE = "candidate", "This version"
+        ACTIVE = "active", "Active version"
+        BASE = "base", "Base model"
+
+    evaluation = models.ForeignKey(Evaluation, on_delete=models.CASCADE, related_name="scores")
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="scores")
+    role = models.CharField(max_length=16, choices=Role.choices)
+    metrics = models.JSONField(default=dict)
+    outputs = models.JSONField(default=list, help_text="[{text, finish_reason}] in example order.")
+
+    class Meta:
+        ordering = ["evaluation", "role"]
+        constraints = [models.UniqueConstraint(fields=["evaluation", "role"], name="evaluationscore_one_per_role")]
+
+    def __str__(self):
+        return f"{self.version} as {self.role} in {self.evaluation}"

@@ -1,6 +1,6 @@
 from django.db.models import Count, Q
 
-from finetuning.models import Dataset, ModelVersion, TrainingExample
+from finetuning.models import Activation, Dataset, Evaluation, ModelVersion, TrainingExample
 
 
 def active_version_get():
@@ -33,3 +33,16 @@ def datasets_with_counts():
 
 def trainable_examples(*, dataset):
     return dataset.examples.order_by("content_hash").values("id", "attributes", "description", "split", "content_hash")
+
+
+def evaluation_latest(*, version):
+    """The newest succeeded evaluation of ``version``, with its scores."""
+    return (
+        Evaluation.objects.filter(version=version, status=Evaluation.Status.SUCCEEDED)
+        .prefetch_related("scores__version")
+        .first()
+    )
+
+
+def activations_recent(limit=20):
+    return Activation.objects.select_related("version", "previous", "user")[:limit]

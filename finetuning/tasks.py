@@ -5,6 +5,7 @@ import logging
 from celery import shared_task
 from celery.signals import worker_ready
 
+from finetuning.services.evaluations import evaluation_execute, evaluations_reap_stale
 from finetuning.services.jobs import job_execute, jobs_reap_stale
 
 logger = logging.getLogger(__name__)
@@ -16,18 +17,23 @@ def job_run(job_id):
     job_execute(job_id=job_id)
 
 
+@shared_task(name="finetuning.tasks.evaluation_run")
+def evaluation_run(evaluation_id):
+    evaluation_execute(evaluation_id=evaluation_id)
+
+
 @shared_task(name="finetuning.tasks.jobs_reap_stale")
 def jobs_reap_stale_run():
-    return jobs_reap_stale()
+    return jobs_reap_stale() + evaluations_reap_stale()
 
 
 @worker_ready.connect
 def _reap_when_a_worker_starts(**kwargs):
     """A restarted worker is the usual sign that the previous one died mid-job."""
     try:
-        reaped = jobs_reap_stale()
+        reaped = jobs_reap_stale() + evaluations_reap_stale()
     except Exception:  # the database is not reachable yet: the periodic check will do it
         logger.exception("Stale-job check at worker start failed")
         return
     if reaped:
-        logger.warning("Failed %d job(s) whose worker was lost: %s", len(reaped), reaped)
+        logger.warning("Failed %d job(s) or evaluation(s) whose worker was lost: %s", len(reaped), reaped)

@@ -430,6 +430,24 @@ class Engine:
             self._cond.notify()
         return generation
 
+    def target_loss(self, prompt_ids, target_ids, *, adapter=None):
+        """(summed negative log-likelihood, token count) of ``target_ids`` after ``prompt_ids``,
+        teacher-forced on these weights (and ``adapter``): the validation loss training reports.
+        One prompt-sized pass outside the batch; it keeps nothing in the cache."""
+        import torch
+        import torch.nn.functional as F
+
+        if not target_ids:
+            return 0.0, 0
+        ids = list(prompt_ids) + list(target_ids)
+        if len(ids) > self.max_tokens:
+            raise EngineError(f"the example is {len(ids)} tokens, more than the {self.max_tokens}-token context")
+        with torch.inference_mode():
+            logits = self._forward(torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True)
+        predicted = logits[len(prompt_ids) - 1 :]
+        loss = F.cross_entropy(predicted, torch.tensor(list(target_ids)), reduction="sum")
+        return float(loss), len(target_ids)
+
     def load(self):
         """(sequences in the batch, sequences waiting)."""
         with self._cond:

@@ -9,24 +9,23 @@ worker and the stale check can never both move one job.
 import functools
 import logging
 import math
-import os
 import shutil
-import socket
-import threading
 import time
 import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from finetuning import store
 from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
+from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
 from finetuning.services.versions import version_register
+from finetuning.services.workers import Heartbeat, worker_name
 from finetuning.training import TrainingCancelled, planned_steps
 
 logger = logging.getLogger(__name__)
@@ -193,38 +192,6 @@ def _partial_artifacts_remove(job):
         shutil.rmtree(partial, ignore_errors=True)
 
 
-class _Heartbeat:
-    """A thread that stamps the job's heartbeat while the worker is alive,
-    through model loading and evaluation as well as training steps."""
-
-    def __init__(self, job_id):
-        self.job_id = job_id
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"heartbeat-job-{job_id}", daemon=True)
-
-    def _run(self):
-        try:
-            while not self.stop.wait(settings.JOB_HEARTBEAT_SECONDS):
-                try:
-                    FineTuningJob.objects.filter(pk=self.job_id, status=Status.RUNNING).update(
-                        heartbeat_at=timezone.now()
-                    )
-                except Exception:  # a database blip: try again at the next beat
-                    logger.exception("Heartbeat of job %s failed", self.job_id)
-                    close_old_connections()
-        finally:
-            connection.close()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        # Bounded: a beat stuck on a database lock must not hold the job's ending up.
-        self.thread.join(timeout=5)
-
-
 def _downsample(history, limit=MAX_HISTORY_POINTS):
     if len(history) <= limit:
         return history
@@ -363,15 +330,13 @@ def _train_version(job, progress):
                 metrics={k: v for k, v in metrics.items() if k not in ("loss_history", "validation_history")},
                 finished_at=timezone.now(),
             )
+            # After commit: a worker scores the new version next to the active one and the base.
+            transaction.on_commit(functools.partial(evaluation_after_job, version_id=version.pk))
             return version
     except BaseException:
         # Never leave an artifact in the store that no version owns.
         shutil.rmtree(store.absolute(relpath), ignore_errors=True)
         raise
-
-
-def _worker_name():
-    return f"{socket.gethostname()} pid {os.getpid()}"
 
 
 def _describe(exc, job):
@@ -400,7 +365,7 @@ def job_execute(*, job_id):
 
     now = timezone.now()
     claimed = FineTuningJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=_worker_name()
+        status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
     )
     if not claimed:
         logger.info("Job %s is not queued (cancelled, gone, or taken by another worker); skipping", job_id)
@@ -411,7 +376,7 @@ def job_execute(*, job_id):
         torch.set_num_threads(settings.TRAINING_TORCH_THREADS)
     FineTuningJob.objects.filter(pk=job_id).update(environment=runtime_environment())
     job = FineTuningJob.objects.select_related("dataset", "snapshot").get(pk=job_id)
-    with _Heartbeat(job_id):
+    with Heartbeat(FineTuningJob, job_id):
         try:
             return _train_version(job, _Progress(job_id))
         except TrainingCancelled as exc:

@@ -2,7 +2,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from finetuning import store
-from finetuning.models import ModelVersion
+from finetuning.models import Activation, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION
 
 
@@ -30,7 +30,7 @@ def base_version_register(*, base_model, relpath, sha256):
         },
     )
     if not ModelVersion.objects.filter(is_active=True).exists():
-        version_activate(version=version)
+        version_activate(version=version, kind=Activation.Kind.INITIAL, reason="the first version: nothing was active")
         version.refresh_from_db()
     return version, created
 
@@ -54,9 +54,13 @@ def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters
 
 
 @transaction.atomic
-def version_activate(*, version):
-    """Make ``version`` the one the API serves. Refuses an artifact that is
-    missing or damaged, so a bad activation never takes the service down."""
+def version_activate(
+    *, version, user=None, reason="", kind=Activation.Kind.MANUAL, evaluation=None, expected_active=None
+):
+    """Make ``version`` the one the API serves, and record who, why and what it
+    replaced. Refuses an artifact that is missing or damaged, so a bad activation
+    never takes the service down. ``expected_active``: refuse unless that version
+    is still the active one (a decision made on a comparison with it)."""
     directory = store.absolute(version.artifact_path)
     try:
         sha = store.manifest_read(directory)["sha256"]
@@ -65,8 +69,42 @@ def version_activate(*, version):
     if sha != version.sha256:
         raise VersionError(f"cannot activate {version.name}: its artifact's sha256 does not match the registry")
     # Lock every row that could be active so two activations run one after the other.
-    list(ModelVersion.objects.select_for_update().filter(is_active=True))
+    previous = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+    if expected_active is not None and (previous is None or previous.pk != expected_active.pk):
+        raise VersionError(
+            f"the active version changed to {previous.name if previous else 'none'} since {expected_active.name} "
+            "was compared; evaluate again"
+        )
+    if previous is not None and previous.pk == version.pk:
+        raise VersionError(f"{version.name} is already the active version")
     ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
     ModelVersion.objects.filter(pk=version.pk).update(is_active=True, activated_at=timezone.now())
+    Activation.objects.create(
+        version=version, previous=previous, kind=kind, reason=reason.strip(), user=user, evaluation=evaluation
+    )
     version.refresh_from_db()
     return version
+
+
+def rollback_target():
+    """The version that was active before the current one (None when there is none)."""
+    last = Activation.objects.select_related("previous").first()
+    if last is None or last.previous is None or not last.version.is_active:
+        return None
+    return last.previous
+
+
+@transaction.atomic
+def version_rollback(*, user=None, reason=""):
+    """Re-activate the version that was active before the current one."""
+    list(ModelVersion.objects.select_for_update().filter(is_active=True))
+    target = rollback_target()
+    if target is None:
+        raise VersionError("there is no earlier active version to roll back to")
+    current = ModelVersion.objects.filter(is_active=True).first()
+    return version_activate(
+        version=target,
+        user=user,
+        kind=Activation.Kind.ROLLBACK,
+        reason=reason or f"rolled back from {current.name if current else 'none'}",
+    )

@@ -124,7 +124,11 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Training goes to GPU workers; everything else (the stale-job check) to the default queue.
-CELERY_TASK_ROUTES = {"finetuning.tasks.job_run": {"queue": "training"}}
+CELERY_TASK_ROUTES = {
+    "finetuning.tasks.job_run": {"queue": "training"},
+    # Scoring loads models and generates: the machines that train do it.
+    "finetuning.tasks.evaluation_run": {"queue": "training"},
+}
 CELERY_BEAT_SCHEDULE = {
     "fail-jobs-whose-worker-died": {
         "task": "finetuning.tasks.jobs_reap_stale",
@@ -185,6 +189,22 @@ JOB_PROGRESS_SECONDS = env.float("JOB_PROGRESS_SECONDS", default=2.0)
 # (about 15x what a CPU needs, so only a hung job meets it).
 JOB_TIME_LIMIT_BASE_SECONDS = env.int("JOB_TIME_LIMIT_BASE_SECONDS", default=1800)
 JOB_TIME_LIMIT_SECONDS_PER_TOKEN = env.float("JOB_TIME_LIMIT_SECONDS_PER_TOKEN", default=0.2)
+
+# --- Evaluation and promotion -------------------------------------------------
+# After every successful job the new version, the active one and the base model are
+# scored on (at most) this many validation examples of the job's snapshot, greedy.
+EVALUATION_MAX_EXAMPLES = env.int("EVALUATION_MAX_EXAMPLES", default=40)
+EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=160)
+EVALUATION_REPETITION_PENALTY = env.float("EVALUATION_REPETITION_PENALTY", default=1.0)
+# The promotion gate: a new version becomes active by itself only when this is on, it beats
+# the active version on the primary metric by the margin (in the metric's units: ROUGE-L
+# points), and none of the guard metrics is worse than the active version's.
+PROMOTION_AUTO_ACTIVATE = env.bool("PROMOTION_AUTO_ACTIVATE", default=False)
+PROMOTION_PRIMARY_METRIC = env.str("PROMOTION_PRIMARY_METRIC", default="rouge_l")
+PROMOTION_MARGIN = env.float("PROMOTION_MARGIN", default=1.0)
+PROMOTION_GUARD_METRICS = env.list(
+    "PROMOTION_GUARD_METRICS", default=["attribute_coverage", "repeated_4gram_share", "format_failure_share"]
+)
 
 # --- API ----------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -1,0 +1,324 @@
+"""Evaluations: a version scored next to the active version and the base model
+on its snapshot's validation examples, then the promotion gate.
+
+States: queued -> running -> succeeded | failed, each transition a conditional
+update, as for jobs. A failed evaluation never activates anything.
+"""
+
+import functools
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from finetuning.metrics import METRICS, improvement, is_worse, metric_format
+from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVersion
+from finetuning.scoring import Decoding, version_score, work_units
+from finetuning.services.snapshots import SnapshotError, snapshot_read
+from finetuning.services.versions import VersionError, base_version_name, version_activate
+from finetuning.services.workers import Heartbeat, worker_name
+
+logger = logging.getLogger(__name__)
+
+Status = Evaluation.Status
+Role = EvaluationScore.Role
+
+
+class EvaluationError(Exception):
+    pass
+
+
+def evaluation_examples(*, version, limit=None):
+    """The validation examples of the snapshot ``version`` was trained on, in snapshot
+    order, at most ``limit`` (EVALUATION_MAX_EXAMPLES) of them."""
+    limit = settings.EVALUATION_MAX_EXAMPLES if limit is None else limit
+    if version.snapshot is None:
+        raise EvaluationError(
+            f"{version.name} was not trained here, so it has no validation split; score it on a file with "
+            "`python manage.py evaluate --file`"
+        )
+    try:
+        _, validation = snapshot_read(version.snapshot)
+    except SnapshotError as exc:
+        raise EvaluationError(str(exc)) from exc
+    if not validation:
+        raise EvaluationError(
+            f"the data snapshot of {version.name} has no validation examples ({version.snapshot.note}); "
+            "mark some examples validation, or score it on a file with `python manage.py evaluate --file`"
+        )
+    return validation[:limit]
+
+
+def evaluation_time_limit(*, examples, versions, decoding):
+    """Seconds an evaluation may run before Celery stops it: generous per token, as for jobs."""
+    tokens = examples * versions * (decoding.max_new_tokens + 256)
+    return int(settings.JOB_TIME_LIMIT_BASE_SECONDS + tokens * settings.JOB_TIME_LIMIT_SECONDS_PER_TOKEN)
+
+
+def evaluation_start(*, version, requested_by=None):
+    """Queue an evaluation of ``version`` on its validation examples; a worker runs it
+    after commit. Raises EvaluationError before anything is queued."""
+    examples = evaluation_examples(version=version)
+    decoding = Decoding.from_settings()
+    try:
+        with transaction.atomic():
+            evaluation = Evaluation.objects.create(
+                version=version,
+                snapshot=version.snapshot,
+                example_ids=[row["id"] for row in examples],
+                samples=[
+                    {"id": r["id"], "attributes": r["attributes"], "reference": r["description"]} for r in examples
+                ],
+                decoding=decoding.as_dict(),
+                time_limit_seconds=evaluation_time_limit(examples=len(examples), versions=3, decoding=decoding),
+                requested_by=requested_by,
+            )
+            transaction.on_commit(functools.partial(_enqueue, evaluation.pk, evaluation.time_limit_seconds))
+    except IntegrityError as exc:
+        raise EvaluationError(f"{version.name} already has an evaluation queued or running") from exc
+    return evaluation
+
+
+def evaluation_after_job(*, version_id):
+    """Queue the automatic evaluation of a version a job just made. When it cannot
+    run (no validation split), a failed evaluation says why on the version's page."""
+    version = ModelVersion.objects.select_related("snapshot").get(pk=version_id)
+    try:
+        return evaluation_start(version=version)
+    except EvaluationError as exc:
+        logger.warning("Version %s is not evaluated: %s", version.name, exc)
+        return Evaluation.objects.create(
+            version=version, snapshot=version.snapshot, status=Status.FAILED, error=str(exc), finished_at=timezone.now()
+        )
+
+
+def _enqueue(evaluation_id, time_limit):
+    from finetuning.tasks import evaluation_run
+
+    try:
+        evaluation_run.apply_async(args=[evaluation_id], soft_time_limit=time_limit, time_limit=time_limit + 300)
+    except Exception as exc:  # the broker is down: say so rather than leave it queued forever
+        logger.exception("Could not queue evaluation %s", evaluation_id)
+        Evaluation.objects.filter(pk=evaluation_id, status=Status.QUEUED).update(
+            status=Status.FAILED,
+            error=f"could not reach the task broker to queue this evaluation: {exc}",
+            finished_at=timezone.now(),
+        )
+
+
+def _versions_to_score(evaluation):
+    """[(role, version)]: this version, the active one now, and the base model it was made from."""
+    roles = [(Role.CANDIDATE, evaluation.version)]
+    active = ModelVersion.objects.filter(is_active=True).first()
+    if active is not None:
+        roles.append((Role.ACTIVE, active))
+    base = ModelVersion.objects.filter(
+        name=base_version_name(evaluation.version.base_model), kind=ModelVersion.Kind.BASE
+    ).first()
+    if base is not None:
+        roles.append((Role.BASE, base))
+    return roles
+
+
+class _Progress:
+    def __init__(self, evaluation_id, total):
+        self.evaluation_id = evaluation_id
+        self.total = total
+        self.started = time.monotonic()
+        self.last_write = 0.0
+
+    def __call__(self, step):
+        now = time.monotonic()
+        if step < self.total and now - self.last_write < settings.JOB_PROGRESS_SECONDS:
+            return
+        self.last_write = now
+        eta = (now - self.started) / step * (self.total - step) if step else None
+        Evaluation.objects.filter(pk=self.evaluation_id).update(
+            step=step, total_steps=self.total, progress=step / self.total, eta_seconds=eta, heartbeat_at=timezone.now()
+        )
+
+
+def evaluation_execute(*, evaluation_id):
+    """Run a queued evaluation in this process, then the promotion gate. Returns the
+    evaluation, or None if it was not ours to run."""
+    now = timezone.now()
+    claimed = Evaluation.objects.filter(pk=evaluation_id, status=Status.QUEUED).update(
+        status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
+    )
+    if not claimed:
+        logger.info("Evaluation %s is not queued (gone, or taken by another worker); skipping", evaluation_id)
+        return None
+    evaluation = Evaluation.objects.select_related("version").get(pk=evaluation_id)
+    with Heartbeat(Evaluation, evaluation_id):
+        try:
+            _score_all(evaluation)
+        except Exception as exc:
+            logger.exception("Evaluation %s failed", evaluation_id)
+            Evaluation.objects.filter(pk=evaluation_id, status=Status.RUNNING).update(
+                status=Status.FAILED, error=_describe(exc, evaluation), finished_at=timezone.now()
+            )
+            return Evaluation.objects.get(pk=evaluation_id)
+    evaluation.refresh_from_db()
+    if evaluation.status == Status.SUCCEEDED:
+        promotion_consider(evaluation=evaluation)
+    return evaluation
+
+
+def _describe(exc, evaluation):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"stopped by its time limit of {evaluation.time_limit_seconds} s"
+    if isinstance(exc, (EvaluationError, SnapshotError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _score_all(evaluation):
+    if settings.TRAINING_TORCH_THREADS:
+        import torch
+
+        torch.set_num_threads(settings.TRAINING_TORCH_THREADS)
+    roles = _versions_to_score(evaluation)
+    examples = [{"attributes": s["attributes"], "description": s["reference"]} for s in evaluation.samples]
+    decoding = Decoding.from_dict(evaluation.decoding)
+    distinct = list({version.pk: version for _, version in roles}.values())
+    per_version = work_units(examples)
+    progress = _Progress(evaluation.pk, per_version * len(distinct))
+    scores = {}
+    for number, version in enumerate(distinct):
+        scores[version.pk] = version_score(
+            version, examples, decoding, on_progress=lambda done, offset=number * per_version: progress(offset + done)
+        )
+    with transaction.atomic():
+        if not Evaluation.objects.filter(pk=evaluation.pk, status=Status.RUNNING).update(
+            status=Status.SUCCEEDED, progress=1.0, eta_seconds=0, finished_at=timezone.now()
+        ):
+            return  # failed by the stale check meanwhile: its results are not trusted
+        EvaluationScore.objects.bulk_create(
+            EvaluationScore(
+                evaluation=evaluation,
+                version=version,
+                role=role,
+                metrics=scores[version.pk].metrics,
+                outputs=scores[version.pk].outputs,
+            )
+            for role, version in roles
+        )
+
+
+def evaluations_reap_stale():
+    """Fail running evaluations whose worker stopped beating; returns their ids."""
+    cutoff = timezone.now() - timedelta(seconds=settings.JOB_STALE_AFTER_SECONDS)
+    reaped = []
+    for evaluation in Evaluation.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff):
+        if Evaluation.objects.filter(
+            pk=evaluation.pk, status=Status.RUNNING, heartbeat_at=evaluation.heartbeat_at
+        ).update(
+            status=Status.FAILED,
+            finished_at=timezone.now(),
+            error=f"worker lost: no heartbeat from {evaluation.worker or 'its worker'} for more than "
+            f"{settings.JOB_STALE_AFTER_SECONDS} s. Evaluate again.",
+        ):
+            reaped.append(evaluation.pk)
+    return reaped
+
+
+# --- The promotion gate ---------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    activate: bool
+    reason: str
+
+
+def _rule_check():
+    primary = settings.PROMOTION_PRIMARY_METRIC
+    guards = settings.PROMOTION_GUARD_METRICS
+    unknown = [key for key in (primary, *guards) if key not in METRICS or not METRICS[key].better]
+    if unknown:
+        raise EvaluationError(
+            f"PROMOTION_PRIMARY_METRIC / PROMOTION_GUARD_METRICS: {', '.join(unknown)} is not a metric with a "
+            f"better direction (choose from {', '.join(k for k, m in METRICS.items() if m.better)})"
+        )
+    return primary, guards
+
+
+def promotion_decide(evaluation):
+    """Whether ``evaluation``'s version should replace the active one, and why:
+    it must have succeeded, beat the active version's primary metric by the margin,
+    and be no worse on any guard metric."""
+    if evaluation.status != Status.SUCCEEDED:
+        return Decision(False, f"the evaluation {evaluation.status}: nothing is activated on it")
+    primary, guards = _rule_check()
+    candidate, active = evaluation.score(Role.CANDIDATE), evaluation.score(Role.ACTIVE)
+    if active is None:
+        return Decision(False, "no version was active to compare with")
+    if active.version_id == candidate.version_id:
+        return Decision(False, f"{candidate.version.name} was already the active version")
+    ours, theirs = candidate.metrics.get(primary), active.metrics.get(primary)
+    label = METRICS[primary].label
+    if ours is None or theirs is None:
+        return Decision(False, f"{label} is missing from the evaluation")
+    gain = improvement(primary, ours, theirs)
+    if gain < settings.PROMOTION_MARGIN:
+        return Decision(
+            False,
+            f"{label} {metric_format(primary, ours)} against the active version's {metric_format(primary, theirs)}: "
+            f"{gain:+.2f}, less than the required margin of {settings.PROMOTION_MARGIN:g}",
+        )
+    worse = [
+        f"{METRICS[key].label} {metric_format(key, candidate.metrics.get(key))} "
+        f"(active {metric_format(key, active.metrics.get(key))})"
+        for key in guards
+        if is_worse(key, candidate.metrics.get(key), active.metrics.get(key))
+    ]
+    if worse:
+        return Decision(False, f"{label} {gain:+.2f}, but worse on: {'; '.join(worse)}")
+    return Decision(
+        True,
+        f"{label} {metric_format(primary, ours)} against {metric_format(primary, theirs)} ({gain:+.2f}, margin "
+        f"{settings.PROMOTION_MARGIN:g}); no guard metric worse ({', '.join(METRICS[k].label for k in guards)})",
+    )
+
+
+def promotion_consider(*, evaluation):
+    """Apply the promotion gate to a finished evaluation and record its decision.
+    Activates only when PROMOTION_AUTO_ACTIVATE is on and the gate passes."""
+    try:
+        decision = promotion_decide(evaluation)
+    except EvaluationError as exc:
+        decision = Decision(False, str(exc))
+    activated = False
+    reason = decision.reason
+    if decision.activate and not settings.PROMOTION_AUTO_ACTIVATE:
+        reason = f"passes the gate, not activated: PROMOTION_AUTO_ACTIVATE is off ({decision.reason})"
+    elif decision.activate:
+        active = evaluation.score(Role.ACTIVE).version
+        try:
+            version_activate(
+                version=evaluation.version,
+                kind=Activation.Kind.AUTO,
+                reason=decision.reason,
+                evaluation=evaluation,
+                expected_active=active,
+            )
+            activated = True
+        except VersionError as exc:
+            reason = f"passes the gate, not activated: {exc}"
+    Evaluation.objects.filter(pk=evaluation.pk).update(
+        promotion={
+            "passed": decision.activate,
+            "activated": activated,
+            "reason": reason,
+            "at": timezone.now().isoformat(),
+        }
+    )
+    evaluation.refresh_from_db()
+    logger.info("Promotion of %s: %s", evaluation.version.name, reason)
+    return evaluation
