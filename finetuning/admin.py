@@ -8,13 +8,15 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from finetuning.charts import loss_chart
+from finetuning.comparison import comparison_build
 from finetuning.forms import FineTuneForm, TrainingExampleForm, json_pretty
 from finetuning.hyperparameters import HyperparameterError
-from finetuning.models import Dataset, FineTuningJob, ModelVersion, TrainingExample
-from finetuning.selectors import datasets_with_counts
+from finetuning.models import Activation, Dataset, Evaluation, FineTuningJob, ModelVersion, TrainingExample
+from finetuning.selectors import activations_recent, active_version_get, datasets_with_counts, evaluation_latest
+from finetuning.services.evaluations import EvaluationError, evaluation_start
 from finetuning.services.examples import ExampleError, example_save
 from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
-from finetuning.services.versions import VersionError, version_activate
+from finetuning.services.versions import VersionError, rollback_target, version_activate, version_rollback
 
 
 class JsonFieldsMixin:
@@ -159,8 +161,30 @@ def _duration(seconds):
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
+class ProgressMixin:
+    """Progress, step and time left of a long-running row (a job, an evaluation)."""
+
+    @admin.display(description="progress")
+    def progress_bar(self, obj):
+        return format_html(
+            '<progress value="{}" max="100" style="width:10em"></progress> {}%',
+            round(obj.progress * 100),
+            round(obj.progress * 100),
+        )
+
+    @admin.display(description="step")
+    def step_display(self, obj):
+        return f"{obj.step} / {obj.total_steps}" if obj.total_steps else "–"
+
+    @admin.display(description="time left")
+    def eta_display(self, obj):
+        if obj.status != "running":
+            return "–"
+        return f"about {_duration(obj.eta_seconds)}" if obj.eta_seconds is not None else "estimating…"
+
+
 @admin.register(FineTuningJob)
-class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
+class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "dataset",
@@ -226,24 +250,6 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
 
     def has_cancel_permission(self, request):
         return request.user.has_perm("finetuning.change_finetuningjob")
-
-    @admin.display(description="progress")
-    def progress_bar(self, obj):
-        return format_html(
-            '<progress value="{}" max="100" style="width:10em"></progress> {}%',
-            round(obj.progress * 100),
-            round(obj.progress * 100),
-        )
-
-    @admin.display(description="step")
-    def step_display(self, obj):
-        return f"{obj.step} / {obj.total_steps}" if obj.total_steps else "–"
-
-    @admin.display(description="time left")
-    def eta_display(self, obj):
-        if obj.status != FineTuningJob.Status.RUNNING:
-            return "–"
-        return f"about {_duration(obj.eta_seconds)}" if obj.eta_seconds is not None else "estimating…"
 
     @admin.display(description="loss")
     def loss_chart(self, obj):
@@ -327,11 +333,14 @@ class FineTuningJobAdmin(JsonFieldsMixin, admin.ModelAdmin):
 @admin.register(ModelVersion)
 class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
     metrics_hidden = ("loss_history", "validation_history")  # drawn as a chart
-    list_display = ("name", "kind", "is_active", "base_model", "validation_loss", "created_at", "activated_at")
+    list_display = (
+        "name", "kind", "is_active", "base_model", "validation_loss", "rouge_l", "created_at", "activated_at"
+    )  # fmt: skip
     list_filter = ("kind", "is_active")
     search_fields = ("name",)
     actions = ("activate_selected",)
     change_form_template = "admin/finetuning/modelversion/change_form.html"
+    change_list_template = "admin/finetuning/modelversion/change_list.html"
     fields = (
         "name",
         "kind",
@@ -352,6 +361,9 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # versions come from fine-tuning jobs and prepare_base_model
+
+    def has_activate_permission(self, request):
+        return request.user.has_perm("finetuning.activate_modelversion")
 
     @admin.display(description="data snapshot")
     def snapshot_display(self, obj):
@@ -375,20 +387,45 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
         value = (obj.metrics or {}).get("validation_loss")
         return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
-    def _activate(self, request, version):
-        try:
-            version_activate(version=version)
-        except VersionError as exc:
-            self.message_user(request, str(exc), messages.ERROR)
-        else:
-            self.message_user(request, f"{version.name} is now the active version.", messages.SUCCESS)
+    @admin.display(description="ROUGE-L")
+    def rouge_l(self, obj):
+        score = (
+            obj.scores.filter(evaluation__status=Evaluation.Status.SUCCEEDED)
+            .order_by("-evaluation__created_at")
+            .first()
+        )
+        value = score.metrics.get("rouge_l") if score else None
+        return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
 
-    @admin.action(description="Activate the selected version", permissions=["change"])
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        version = self.get_object(request, object_id)
+        extra = {}
+        if version is not None:
+            evaluation = evaluation_latest(version=version)
+            extra = {
+                "comparison": comparison_build(evaluation) if evaluation else None,
+                "evaluations": version.evaluations.all()[:10],
+                "rollback_target": rollback_target() if version.is_active else None,
+                "can_activate": self.has_activate_permission(request),
+                "can_evaluate": request.user.has_perm("finetuning.add_evaluation") and version.snapshot_id,
+            }
+        return super().change_view(request, object_id, form_url, {**extra, **(extra_context or {})})
+
+    def changelist_view(self, request, extra_context=None):
+        extra = {
+            "rollback_target": rollback_target(),
+            "active_version": active_version_get(),
+            "activations": activations_recent(10),
+            "can_activate": self.has_activate_permission(request),
+        }
+        return super().changelist_view(request, {**extra, **(extra_context or {})})
+
+    @admin.action(description="Activate the selected version…", permissions=["activate"])
     def activate_selected(self, request, queryset):
         if queryset.count() != 1:
             self.message_user(request, "Select exactly one version to activate.", messages.ERROR)
-            return
-        self._activate(request, queryset.get())
+            return None
+        return redirect("admin:finetuning_modelversion_activate", queryset.get().pk)
 
     def get_urls(self):
         return [
@@ -398,10 +435,16 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
                 name="finetuning_modelversion_activate",
             ),
             path(
+                "<int:pk>/evaluate/",
+                self.admin_site.admin_view(self.evaluate_view),
+                name="finetuning_modelversion_evaluate",
+            ),
+            path(
                 "<int:pk>/retrain/",
                 self.admin_site.admin_view(self.retrain_view),
                 name="finetuning_modelversion_retrain",
             ),
+            path("rollback/", self.admin_site.admin_view(self.rollback_view), name="finetuning_modelversion_rollback"),
             *super().get_urls(),
         ]
 
@@ -419,10 +462,136 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
         self.message_user(request, f"Job {job.pk} retrains {version.name} on its own snapshot.", messages.SUCCESS)
         return redirect("admin:finetuning_finetuningjob_change", job.pk)
 
-    def activate_view(self, request, pk):
+    def evaluate_view(self, request, pk):
         if request.method != "POST":
             return redirect("admin:finetuning_modelversion_change", pk)
-        if not self.has_change_permission(request):
+        if not request.user.has_perm("finetuning.add_evaluation"):
             raise PermissionDenied
-        self._activate(request, get_object_or_404(ModelVersion, pk=pk))
-        return redirect("admin:finetuning_modelversion_change", pk)
+        version = get_object_or_404(ModelVersion, pk=pk)
+        try:
+            evaluation = evaluation_start(version=version, requested_by=request.user)
+        except EvaluationError as exc:
+            self.message_user(request, f"Not evaluated: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        self.message_user(request, f"Evaluation {evaluation.pk} of {version.name} queued.", messages.SUCCESS)
+        return redirect("admin:finetuning_evaluation_change", evaluation.pk)
+
+    def activate_view(self, request, pk):
+        """A confirmation that shows how this version compares with the active one;
+        activating needs the confirm button and the activate permission."""
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        if request.method == "POST" and request.POST.get("confirm") == "yes":
+            try:
+                version_activate(
+                    version=version,
+                    user=request.user,
+                    reason=request.POST.get("reason", "")[:1000],
+                    kind=Activation.Kind.MANUAL,
+                    evaluation=evaluation_latest(version=version),
+                )
+            except VersionError as exc:
+                self.message_user(request, f"Not activated: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{version.name} is now the active version.", messages.SUCCESS)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        evaluation = evaluation_latest(version=version)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Activate {version.name}?",
+            "version": version,
+            "active": active_version_get(),
+            "comparison": comparison_build(evaluation) if evaluation else None,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/finetuning/modelversion/activate.html", context)
+
+    def rollback_view(self, request):
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_changelist")
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        try:
+            version = version_rollback(user=request.user, reason=request.POST.get("reason", "")[:1000])
+        except VersionError as exc:
+            self.message_user(request, f"Not rolled back: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_changelist")
+        self.message_user(request, f"Rolled back: {version.name} is the active version again.", messages.SUCCESS)
+        return redirect("admin:finetuning_modelversion_change", version.pk)
+
+
+@admin.register(Evaluation)
+class EvaluationAdmin(ProgressMixin, admin.ModelAdmin):
+    list_display = ("id", "version", "status", "progress_bar", "step_display", "eta_display", "primary", "promoted",
+                    "created_at", "finished_at")  # fmt: skip
+    list_filter = ("status",)
+    list_select_related = ("version",)
+    change_form_template = "admin/finetuning/evaluation/change_form.html"
+    fields = (
+        "version", "status", "progress_bar", "step_display", "eta_display", "error", "promotion_display",
+        "decoding_display", "example_count", "example_ids", "snapshot", "worker", "heartbeat_at",
+        "time_limit_seconds", "requested_by", "created_at", "started_at", "finished_at",
+    )  # fmt: skip
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False  # from a version's "Evaluate" button, or after every successful job
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="primary metric")
+    def primary(self, obj):
+        from django.conf import settings
+
+        from finetuning.metrics import METRICS, metric_format
+
+        key = settings.PROMOTION_PRIMARY_METRIC
+        score = next((s for s in obj.scores.all() if s.role == "candidate"), None)
+        if score is None or key not in METRICS:
+            return "–"
+        return f"{METRICS[key].label} {metric_format(key, score.metrics.get(key))}"
+
+    @admin.display(description="promotion", boolean=False)
+    def promoted(self, obj):
+        if not obj.promotion:
+            return "–"
+        return "activated" if obj.promotion.get("activated") else ("passed" if obj.promotion.get("passed") else "no")
+
+    @admin.display(description="promotion gate")
+    def promotion_display(self, obj):
+        return obj.promotion.get("reason", "–") if obj.promotion else "–"
+
+    @admin.display(description="decoding")
+    def decoding_display(self, obj):
+        return format_html("<code>{}</code>", json_pretty(obj.decoding))
+
+    @admin.display(description="examples")
+    def example_count(self, obj):
+        return len(obj.example_ids)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("scores__version")
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        evaluation = self.get_object(request, object_id)
+        extra = {"comparison": comparison_build(evaluation) if evaluation else None}
+        return super().change_view(request, object_id, form_url, {**extra, **(extra_context or {})})
+
+
+@admin.register(Activation)
+class ActivationAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "version", "previous", "kind", "user", "reason")
+    list_filter = ("kind",)
+    list_select_related = ("version", "previous", "user")
+    readonly_fields = ("created_at", "version", "previous", "kind", "user", "reason", "evaluation")
+
+    def has_add_permission(self, request):
+        return False  # activations are recorded by activating
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the history stays whole

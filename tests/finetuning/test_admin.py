@@ -113,20 +113,88 @@ def test_start_fine_tuning_from_the_dataset_page_queues_a_job(
     assert FineTuningJob.objects.count() == 1
 
 
-def test_a_version_can_be_activated_from_the_admin(curator, base_version, dataset_factory):
+def test_a_version_is_activated_from_the_admin_after_a_confirmation(curator, base_version, dataset_factory):
+    from finetuning.models import Activation
     from finetuning.services.jobs import job_execute, job_start
 
     job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 96})
     version = job_execute(job_id=job.pk)
     page = curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk]))
     assert "Activate this version" in page.content.decode()
-    response = curator.post(reverse("admin:finetuning_modelversion_activate", args=[version.pk]))
+    url = reverse("admin:finetuning_modelversion_activate", args=[version.pk])
+    confirmation = curator.get(url)
+    assert confirmation.status_code == 200 and "has no finished evaluation" in confirmation.content.decode()
+    assert ModelVersion.objects.get(is_active=True) == base_version  # asking is not activating
+    response = curator.post(url, {"confirm": "yes", "reason": "reads better"})
     assert response.status_code == 302
     assert ModelVersion.objects.get(is_active=True) == version
+    activation = Activation.objects.first()
+    assert (activation.version, activation.previous, activation.user.username, activation.reason) == (
+        version, base_version, "admin", "reads better"
+    )  # fmt: skip
 
+    # The list action leads to the same confirmation.
     changelist = reverse("admin:finetuning_modelversion_changelist")
-    curator.post(changelist, {"action": "activate_selected", "_selected_action": [base_version.pk]})
+    response = curator.post(changelist, {"action": "activate_selected", "_selected_action": [base_version.pk]})
+    assert response.status_code == 302 and response.url == reverse(
+        "admin:finetuning_modelversion_activate", args=[base_version.pk]
+    )
+
+    # Roll back in one action, from the list.
+    listing = curator.get(changelist).content.decode()
+    assert f"Roll back to {base_version.name}" in listing and "reads better" in listing  # the history
+    curator.post(reverse("admin:finetuning_modelversion_rollback"))
     assert ModelVersion.objects.get(is_active=True) == base_version
+    assert Activation.objects.first().kind == "rollback"
+
+
+def test_only_curators_with_the_permission_activate_or_roll_back(client, django_user_model, base_version):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("editor", password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["view_modelversion", "change_modelversion"]))
+    client.force_login(user)
+    assert client.post(reverse("admin:finetuning_modelversion_rollback")).status_code == 403
+    url = reverse("admin:finetuning_modelversion_activate", args=[base_version.pk])
+    assert client.post(url, {"confirm": "yes"}).status_code == 403
+
+
+def test_the_version_page_compares_metrics_and_texts_side_by_side(curator, base_version, dataset_factory):
+    from finetuning.models import Evaluation, EvaluationScore
+    from finetuning.services.jobs import job_execute, job_start
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 96})
+    version = job_execute(job_id=job.pk)
+    evaluation = Evaluation.objects.create(
+        version=version,
+        status="succeeded",
+        example_ids=[7],
+        samples=[{"id": 7, "attributes": {"name": "Blue Kettle"}, "reference": "A kettle that boils fast."}],
+        decoding={"greedy": True, "max_new_tokens": 64, "repetition_penalty": 1.0},
+        promotion={"passed": False, "activated": False, "reason": "ROUGE-L +0.50, less than the required margin"},
+    )
+    for role, owner, rouge, text in [
+        ("candidate", version, 31.25, "The Blue Kettle boils water in a minute."),
+        ("active", base_version, 12.5, "Kettle kettle kettle."),
+        ("base", base_version, 12.5, "Kettle kettle kettle."),
+    ]:
+        EvaluationScore.objects.create(
+            evaluation=evaluation, version=owner, role=role, metrics={"rouge_l": rouge, "attribute_coverage": 1.0},
+            outputs=[{"text": text, "finish_reason": "stop"}],
+        )  # fmt: skip
+    for url in (
+        reverse("admin:finetuning_modelversion_change", args=[version.pk]),
+        reverse("admin:finetuning_modelversion_activate", args=[version.pk]),
+        reverse("admin:finetuning_evaluation_change", args=[evaluation.pk]),
+    ):
+        page = curator.get(url).content.decode()
+        assert "31.25" in page and "12.50" in page and "better than active" in page, url
+        assert "Name: Blue Kettle" in page and "A kettle that boils fast." in page
+        assert "The Blue Kettle boils water in a minute." in page and "Kettle kettle kettle." in page
+        assert "less than the required margin" in page
+    assert "<svg" in curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk])).content.decode()
+    assert curator.get(reverse("admin:finetuning_evaluation_changelist")).status_code == 200
+    assert curator.get(reverse("admin:finetuning_activation_changelist")).status_code == 200
 
 
 def test_a_curator_without_permission_cannot_start_jobs(client, django_user_model, dataset_factory):
@@ -146,7 +214,7 @@ def test_a_finished_job_page_shows_progress_the_loss_chart_and_its_snapshot(cura
     page = curator.get(reverse("admin:finetuning_finetuningjob_change", args=[job.pk])).content.decode()
     assert '<progress value="100" max="100"' in page and "4 / 4" in page
     assert "<svg" in page and "<polyline" in page and "validation loss" in page
-    assert job.snapshot.sha256 in page and "unassigned chosen by content hash" in page
+    assert job.snapshot.sha256 in page and "unassigned chosen by description hash" in page
     assert 'http-equiv="refresh"' not in page  # finished: nothing left to watch
     assert "Cancel this job" not in page
     version_page = curator.get(reverse("admin:finetuning_modelversion_change", args=[job.model_version.pk]))
