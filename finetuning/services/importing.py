@@ -129,10 +129,10 @@ def _default_mapping(columns):
     return mapping
 
 
-def examples_import(
-    *, path, dataset_name, mapping_items=None, constant_items=None, strict=False, source=TrainingExample.Source.IMPORT
-):
-    """Import a CSV or JSONL file into a dataset (created if needed)."""
+def examples_read(*, path, mapping_items=None, constant_items=None, strict=False, label="file"):
+    """Read and clean the examples of a CSV or JSONL file without writing anything:
+    (summary, {content hash: example fields}), duplicates dropped, rejected rows in the
+    summary. Raises ImportFileError when the file as a whole cannot be used."""
     path = Path(path)
     if not path.is_file():
         raise ImportFileError(f"{path}: no such file")
@@ -162,7 +162,7 @@ def examples_import(
         if "name" not in mapping:
             raise ImportFileError(f"{path}: map a column to name, e.g. --map name=COLUMN")
 
-    summary = ImportSummary(dataset=dataset_name, rows=len(rows))
+    summary = ImportSummary(dataset=label, rows=len(rows))
     cleaned = {}
     for number, row in rows:
         attributes, description, split = row_to_example(row, mapping, constants)
@@ -174,13 +174,22 @@ def examples_import(
         if fields["content_hash"] in cleaned:
             summary.duplicates += 1
             continue
-        cleaned[fields["content_hash"]] = fields
+        cleaned[fields["content_hash"]] = {**fields, "row": number}
     if strict and summary.rejected:
         row, reason = summary.rejected[0]
-        raise ImportFileError(
-            f"{path}: {len(summary.rejected)} rows rejected (first: row {row}: {reason}); nothing imported"
-        )
+        raise ImportFileError(f"{path}: {len(summary.rejected)} rows rejected (first: row {row}: {reason})")
+    return summary, cleaned
 
+
+def examples_import(
+    *, path, dataset_name, mapping_items=None, constant_items=None, strict=False, source=TrainingExample.Source.IMPORT
+):
+    """Import a CSV or JSONL file into a dataset (created if needed)."""
+    summary, cleaned = examples_read(
+        path=path, mapping_items=mapping_items, constant_items=constant_items, strict=strict, label=dataset_name
+    )
+    for fields in cleaned.values():
+        del fields["row"]
     with transaction.atomic():
         dataset, _ = Dataset.objects.get_or_create(name=dataset_name)
         hashes = list(cleaned)

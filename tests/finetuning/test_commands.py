@@ -84,3 +84,62 @@ def test_finetune_wait_fails_with_the_jobs_error(base_version, dataset_factory, 
         path.unlink()  # the base weights vanish after the start
     with pytest.raises(CommandError, match=r"job \d+ failed: "):
         call_command("finetune", "--dataset", "shop", "--max-steps", "2", "--wait")
+
+
+HELD_OUT = """product,colour,text
+Trail Runner,Black,The Trail Runner is a light shoe for long runs.
+Desk Lamp,White,A white desk lamp with a soft warm light.
+Wool Scarf,Grey,A grey wool scarf that keeps you warm.
+,Red,A row without a name is skipped.
+"""
+
+
+@pytest.fixture
+def held_out_csv(tmp_path):
+    path = tmp_path / "held_out.csv"
+    path.write_text(HELD_OUT)
+    return path
+
+
+def test_evaluate_scores_a_version_on_a_file_without_importing_it(base_version, held_out_csv, tmp_path, capsys):
+    import json
+
+    from finetuning.models import TrainingExample
+
+    out = tmp_path / "scores.json"
+    call_command(
+        "evaluate", "--version", "active", "--file", str(held_out_csv), "--map", "name=product",
+        "--map", "color=colour", "--map", "description=text", "--limit", "2", "--json", str(out),
+    )  # fmt: skip
+    stdout, stderr = capsys.readouterr()
+    assert f"{base_version.name} on {held_out_csv}" in stdout and "2 examples" in stdout
+    for label in ("validation loss", "perplexity", "ROUGE-L F1", "chrF", "BLEU", "attribute coverage",
+                  "distinct-2", "outputs with a repeated 4-gram", "format failures"):  # fmt: skip
+        assert label in stdout
+    payload = json.loads(out.read_text())
+    assert payload["version"]["name"] == base_version.name
+    assert [e["reference"] for e in payload["examples"]] == [
+        "The Trail Runner is a light shoe for long runs.",
+        "A white desk lamp with a soft warm light.",
+    ]
+    assert all("text" in e and e["finish_reason"] in ("stop", "length") for e in payload["examples"])
+    assert payload["metrics"]["perplexity"] > 1
+    assert "skipped row 5" in stderr
+    assert not TrainingExample.objects.exists()  # scored, not imported
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--version", "nope"], "no such model version"),
+        (["--version", "base"], "has no validation split"),
+        (["--version", "base", "--file", "missing.csv"], "no such file"),
+        (["--version", "base", "--file", "{csv}", "--map", "name=nope"], "'nope'"),
+        (["--version", "base", "--limit", "0"], "--limit must be at least 1"),
+    ],
+)
+def test_evaluate_refuses_bad_input_in_one_line(base_version, held_out_csv, arguments, message):
+    arguments = [a.replace("{csv}", str(held_out_csv)) for a in arguments]
+    with pytest.raises(CommandError, match=message) as info:
+        call_command("evaluate", *arguments)
+    assert "\n" not in str(info.value)
