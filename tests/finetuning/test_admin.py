@@ -268,3 +268,30 @@ def _full_form():
 
     form = FineTuneForm()
     return {name: field.initial for name, field in form.fields.items()}
+
+
+def test_a_curator_queues_an_evaluation_from_the_version_page(curator, base_version, dataset_factory):
+    from finetuning.models import Evaluation
+    from finetuning.services.jobs import job_execute, job_start
+
+    dataset = dataset_factory()
+    held = list(dataset.examples.values_list("id", flat=True)[:4])
+    dataset.examples.filter(id__in=held).update(split="validation")
+    job = job_start(dataset=dataset, hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 96})
+    version = job_execute(job_id=job.pk)
+    url = reverse("admin:finetuning_modelversion_evaluate", args=[version.pk])
+    response = curator.post(url)
+    evaluation = Evaluation.objects.get(version=version)
+    assert response.status_code == 302 and response.url == reverse(
+        "admin:finetuning_evaluation_change", args=[evaluation.pk]
+    )
+    assert evaluation.status == "queued" and set(held) <= set(evaluation.example_ids)
+    page = curator.get(response.url).content.decode()
+    assert "Queued" in page and 'http-equiv="refresh"' in page
+    again = curator.post(url, follow=True).content.decode()
+    assert "already has an evaluation queued or running" in again
+    assert Evaluation.objects.count() == 1
+    # The base model has no validation split of its own: no button, and a clear refusal.
+    assert "Evaluate</button>" not in curator.get(
+        reverse("admin:finetuning_modelversion_change", args=[base_version.pk])
+    ).content.decode()
