@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install install-dev prepare web worker scheduler clean
+.PHONY: run test lint install install-dev prepare web worker scheduler report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ worker: install
 
 scheduler: install
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info
+
+# docs/REPORT.md from a real run: train the default recipe on ../shared/data/adidas_usa.csv
+# and evaluate it against the base model (about half an hour on 2 cores; var/report/ is scratch).
+report: install
+	$(BIN)/python docs/report.py
 
 test: install-dev
 	$(BIN)/python -m pytest
