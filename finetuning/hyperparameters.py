@@ -16,7 +16,9 @@ class Hyperparameters:
     method: str = "lora"
     epochs: int = 2
     max_steps: int = 0  # 0: run the epochs to the end
-    learning_rate: float = 2e-4
+    # LoRA on the adidas reference data: 4e-4 over 2 epochs gives +8.5 ROUGE-L over the base model where
+    # 2e-4 over 1 epoch gave +3.7 (docs/REPORT.md).
+    learning_rate: float = 4e-4
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     warmup_ratio: float = 0.05
