@@ -54,7 +54,7 @@ scheduler: install
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info
 
 # docs/REPORT.md from a real run: train the default recipe on ../shared/data/adidas_usa.csv
-# and evaluate it against the base model (about half an hour on 2 cores; var/report/ is scratch).
+# and evaluate it against the base model (about 20 minutes on 2 cores; var/report/ is scratch).
 report: install
 	$(BIN)/python docs/report.py
 

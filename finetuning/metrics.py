@@ -58,10 +58,10 @@ def _fold(word):
     return word
 
 
-def attribute_values(attributes):
-    """The values a description should mention: the name whole, each feature, and each
-    part of a category or colour path ('Shoes / Women/Shoes' -> Shoes, Women)."""
-    values = []
+def attribute_values_by_key(attributes):
+    """[(key, value)] a description should mention: the name whole, each feature, and each
+    part of a category or colour path ('Shoes / Women/Shoes' -> Shoes, Women), once each."""
+    pairs, seen = [], set()
     for key in COVERAGE_KEYS:
         value = attributes.get(key)
         if value is None:
@@ -71,9 +71,14 @@ def attribute_values(attributes):
             items = [part for item in items for part in re.split(r"[/|>]", item)]
         for item in items:
             item = item.strip()
-            if item and item.lower() not in (v.lower() for v in values):
-                values.append(item)
-    return values
+            if item and item.lower() not in seen:
+                seen.add(item.lower())
+                pairs.append((key, item))
+    return pairs
+
+
+def attribute_values(attributes):
+    return [value for _, value in attribute_values_by_key(attributes)]
 
 
 def mentions(text, value):
