@@ -292,6 +292,7 @@ def test_a_curator_queues_an_evaluation_from_the_version_page(curator, base_vers
     assert "already has an evaluation queued or running" in again
     assert Evaluation.objects.count() == 1
     # The base model has no validation split of its own: no button, and a clear refusal.
-    assert "Evaluate</button>" not in curator.get(
-        reverse("admin:finetuning_modelversion_change", args=[base_version.pk])
-    ).content.decode()
+    base_page = curator.get(reverse("admin:finetuning_modelversion_change", args=[base_version.pk]))
+    assert "Evaluate</button>" not in base_page.content.decode()
+    refused = curator.post(reverse("admin:finetuning_modelversion_evaluate", args=[base_version.pk]), follow=True)
+    assert "Not evaluated" in refused.content.decode() and "has no validation split" in refused.content.decode()
