@@ -4,3 +4,6 @@ from django.apps import AppConfig
 class FinetuningConfig(AppConfig):
     name = "finetuning"
     verbose_name = "Fine-tuning"
+
+    def ready(self):
+        from finetuning import checks  # noqa: F401  (registers the start-up checks)

@@ -36,3 +36,19 @@ def test_defaults_need_no_server_and_urls_switch_to_postgres_and_redis(tmp_path)
         MODEL_STORE="/srv/models",
     )
     assert json.loads(servers.stdout) == [True, "django.db.backends.postgresql", "redis://cache:6379/0", "/srv/models"]
+
+
+def test_a_promotion_gate_on_an_unknown_metric_stops_the_service_at_start(tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "GENAPI_VAR_DIR": str(tmp_path),
+        "PROMOTION_GUARD_METRICS": "attribute_coverage,rouge",
+    }
+    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PROMOTION_GUARD_METRICS: 'rouge' is not a metric" in result.stderr
+    fine = subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=REPO, env={**env, "PROMOTION_GUARD_METRICS": "chrf"},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert fine.returncode == 0, fine.stderr
