@@ -211,3 +211,23 @@ def test_activating_the_active_version_again_is_refused_and_records_nothing(base
     with pytest.raises(VersionError, match="already the active version"):
         version_activate(version=base_version)
     assert Activation.objects.count() == 1
+
+
+def test_an_evaluation_whose_worker_died_is_failed_not_left_running(trained, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from finetuning.services.evaluations import evaluations_reap_stale
+
+    evaluation = evaluation_start(version=trained())
+    stale = timezone.now() - timedelta(seconds=settings.JOB_STALE_AFTER_SECONDS + 5)
+    Evaluation.objects.filter(pk=evaluation.pk).update(status="running", heartbeat_at=stale, worker="host pid 1")
+    fresh = evaluation_start(version=trained("other"))
+    Evaluation.objects.filter(pk=fresh.pk).update(status="running", heartbeat_at=timezone.now())
+    assert evaluations_reap_stale() == [evaluation.pk]
+    evaluation.refresh_from_db()
+    assert evaluation.status == "failed" and "worker lost" in evaluation.error and "host pid 1" in evaluation.error
+    # A worker that comes back late does not overwrite the verdict or run the gate.
+    assert evaluation_execute(evaluation_id=evaluation.pk) is None
+    assert Evaluation.objects.get(pk=fresh.pk).status == "running"
