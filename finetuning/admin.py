@@ -2,6 +2,7 @@
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db.models import Prefetch
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -11,7 +12,15 @@ from finetuning.charts import loss_chart
 from finetuning.comparison import comparison_build
 from finetuning.forms import FineTuneForm, TrainingExampleForm, json_pretty
 from finetuning.hyperparameters import HyperparameterError
-from finetuning.models import Activation, Dataset, Evaluation, FineTuningJob, ModelVersion, TrainingExample
+from finetuning.models import (
+    Activation,
+    Dataset,
+    Evaluation,
+    EvaluationScore,
+    FineTuningJob,
+    ModelVersion,
+    TrainingExample,
+)
 from finetuning.selectors import activations_recent, active_version_get, datasets_with_counts, evaluation_latest
 from finetuning.services.evaluations import EvaluationError, evaluation_start
 from finetuning.services.examples import ExampleError, example_save
@@ -387,14 +396,17 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
         value = (obj.metrics or {}).get("validation_loss")
         return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
 
+    def get_queryset(self, request):
+        # The ROUGE-L column: every version's succeeded scores in one query, newest first.
+        succeeded = EvaluationScore.objects.filter(evaluation__status=Evaluation.Status.SUCCEEDED).order_by(
+            "-evaluation__created_at"
+        )
+        return super().get_queryset(request).prefetch_related(Prefetch("scores", succeeded, to_attr="scores_succeeded"))
+
     @admin.display(description="ROUGE-L")
     def rouge_l(self, obj):
-        score = (
-            obj.scores.filter(evaluation__status=Evaluation.Status.SUCCEEDED)
-            .order_by("-evaluation__created_at")
-            .first()
-        )
-        value = score.metrics.get("rouge_l") if score else None
+        scores = getattr(obj, "scores_succeeded", None) or []
+        value = scores[0].metrics.get("rouge_l") if scores else None
         return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
 
     def change_view(self, request, object_id, form_url="", extra_context=None):

@@ -206,3 +206,19 @@ def is_worse(key, value, reference, *, tolerance=0.0):
 def improvement(key, value, reference):
     """How much better ``value`` is than ``reference`` (negative: worse), in the metric's units."""
     return value - reference if METRICS[key].better == "higher" else reference - value
+
+
+def promotion_settings_problems():
+    """What is wrong with the promotion gate's metric settings, one message each."""
+    from django.conf import settings
+
+    choices = ", ".join(key for key, metric in METRICS.items() if metric.better)
+    return [
+        f"{name}: {key!r} is not a metric with a better direction (choose from {choices})"
+        for name, keys in (
+            ("PROMOTION_PRIMARY_METRIC", [settings.PROMOTION_PRIMARY_METRIC]),
+            ("PROMOTION_GUARD_METRICS", list(settings.PROMOTION_GUARD_METRICS)),
+        )
+        for key in keys
+        if key not in METRICS or not METRICS[key].better
+    ]

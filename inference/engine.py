@@ -382,7 +382,6 @@ class _Sequence:
 
 class Engine:
     def __init__(self, decoder, tokenizer, *, stop_token_ids, max_batch, max_queue, max_tokens, name="engine"):
-
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)

@@ -9,18 +9,17 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from finetuning.metrics import METRICS, improvement, is_worse, metric_format
+from finetuning.metrics import METRICS, improvement, is_worse, metric_format, promotion_settings_problems
 from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVersion
 from finetuning.scoring import Decoding, version_score, work_units
 from finetuning.services.snapshots import SnapshotError, snapshot_read
 from finetuning.services.versions import VersionError, base_version_name, version_activate
-from finetuning.services.workers import Heartbeat, worker_name
+from finetuning.services.workers import Heartbeat, stale_fail, worker_name
 
 logger = logging.getLogger(__name__)
 
@@ -213,19 +212,7 @@ def _score_all(evaluation):
 
 def evaluations_reap_stale():
     """Fail running evaluations whose worker stopped beating; returns their ids."""
-    cutoff = timezone.now() - timedelta(seconds=settings.JOB_STALE_AFTER_SECONDS)
-    reaped = []
-    for evaluation in Evaluation.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff):
-        if Evaluation.objects.filter(
-            pk=evaluation.pk, status=Status.RUNNING, heartbeat_at=evaluation.heartbeat_at
-        ).update(
-            status=Status.FAILED,
-            finished_at=timezone.now(),
-            error=f"worker lost: no heartbeat from {evaluation.worker or 'its worker'} for more than "
-            f"{settings.JOB_STALE_AFTER_SECONDS} s. Evaluate again.",
-        ):
-            reaped.append(evaluation.pk)
-    return reaped
+    return [evaluation.pk for evaluation in stale_fail(Evaluation, again="Evaluate again.")]
 
 
 # --- The promotion gate ---------------------------------------------------------
@@ -238,15 +225,10 @@ class Decision:
 
 
 def _rule_check():
-    primary = settings.PROMOTION_PRIMARY_METRIC
-    guards = settings.PROMOTION_GUARD_METRICS
-    unknown = [key for key in (primary, *guards) if key not in METRICS or not METRICS[key].better]
-    if unknown:
-        raise EvaluationError(
-            f"PROMOTION_PRIMARY_METRIC / PROMOTION_GUARD_METRICS: {', '.join(unknown)} is not a metric with a "
-            f"better direction (choose from {', '.join(k for k, m in METRICS.items() if m.better)})"
-        )
-    return primary, guards
+    problems = promotion_settings_problems()
+    if problems:
+        raise EvaluationError("; ".join(problems))
+    return settings.PROMOTION_PRIMARY_METRIC, settings.PROMOTION_GUARD_METRICS
 
 
 def promotion_decide(evaluation):

@@ -12,7 +12,6 @@ import math
 import shutil
 import time
 import uuid
-from datetime import timedelta
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -25,7 +24,7 @@ from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
 from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
 from finetuning.services.versions import version_register
-from finetuning.services.workers import Heartbeat, worker_name
+from finetuning.services.workers import Heartbeat, stale_fail, worker_name
 from finetuning.training import TrainingCancelled, planned_steps
 
 logger = logging.getLogger(__name__)
@@ -160,27 +159,12 @@ def job_cancel(*, job):
 
 
 def jobs_reap_stale():
-    """Mark failed every running job whose worker stopped beating (killed,
-    out of memory, machine gone), and remove its half-written files.
-    Returns the ids of the jobs it failed."""
-    stale_after = settings.JOB_STALE_AFTER_SECONDS
-    cutoff = timezone.now() - timedelta(seconds=stale_after)
-    reaped = []
-    for job in FineTuningJob.objects.filter(status=Status.RUNNING, heartbeat_at__lt=cutoff).select_related("dataset"):
-        last = job.heartbeat_at.strftime("%Y-%m-%d %H:%M:%S UTC")
-        updated = FineTuningJob.objects.filter(pk=job.pk, status=Status.RUNNING, heartbeat_at=job.heartbeat_at).update(
-            status=Status.FAILED,
-            finished_at=timezone.now(),
-            error=(
-                f"worker lost: no heartbeat from {job.worker or 'its worker'} since {last} "
-                f"(more than {stale_after} s); the process was killed or lost its connection. Start the job again."
-            ),
-        )
-        if updated:
-            _partial_artifacts_remove(job)
-            reaped.append(job.pk)
-            logger.warning("Job %s failed: worker lost (last heartbeat %s)", job.pk, last)
-    return reaped
+    """Mark failed every running job whose worker stopped beating, and remove its
+    half-written files. Returns the ids of the jobs it failed."""
+    reaped = stale_fail(FineTuningJob, again="Start the job again.")
+    for job in reaped:
+        _partial_artifacts_remove(job)
+    return [job.pk for job in reaped]
 
 
 def _version_name(job):
