@@ -15,11 +15,13 @@ transformers' own, so greedy text equals `model.generate`'s. Plain
 `generate` spends most of a step outside the matrix products; here a step is
 the products, a few dozen element-wise operations per layer and nothing else.
 
-Weights are fp32 by default. ``quantize="int8"`` keeps the projection and
-output-head weights as int8 with one scale per output channel (weight-only:
-activations stay 16-bit) and moves a quarter of the bytes per token. LoRA
-versions are low-rank deltas applied next to the shared base projections,
-per row of the batch, so one batch mixes the base model and any adapters.
+Weights are fp32 by default. ``quantize="int8"`` also keeps the projection and
+output-head weights as int8 with one scale per output channel, for the decode
+steps: each layer is then a few calls into native kernels (inference/native)
+that read a quarter of the bytes per token, with fp32 activations. Prompts
+always run on the fp32 weights. LoRA versions are low-rank deltas applied next
+to the shared base projections, per row of the batch, so one batch mixes the
+base model and any adapters.
 """
 
 import logging
@@ -35,9 +37,6 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
-# Above this many rows (a prompt), an int8 projection runs its fp32 weights: the int8 kernel
-# is built for the few rows of a decode step.
-_INT8_KERNEL_MAX_ROWS = 16
 _EXACT_CANDIDATES = 64
 # Prompt openings whose keys and values are kept for reuse (per engine), how long they may be,
 # and the shortest worth copying.
@@ -70,36 +69,42 @@ class QueueFull(EngineError):
 class _Projection:
     """One linear layer (several fused along the output: q|k|v, gate|up)."""
 
-    def __init__(self, weight, bias, quantize):
+    def __init__(self, weight, bias, kernels):
         import torch
 
         self.bias = bias
         self.out_features = weight.shape[0]
         # fp32 always: a prompt (many rows at once) is compute-bound, and fp32 products beat
-        # dequantising int8 on every prompt by a third here (bf16 products are slower still).
+        # dequantising int8 on every prompt by a third here.
         self.dense = self.weight = weight.contiguous()
         self.scales = None
-        if quantize == "int8":
+        self.kernels = kernels
+        if kernels is not None:
             # Decoding (a few rows per step) is bound by the bytes read: int8 with one scale per
-            # output channel, for the weight-only kernel that takes bf16 activations.
+            # output channel, multiplied with fp32 activations by the native kernel.
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scales = scales.to(torch.bfloat16)
+            self.scales = scales.to(torch.float32).contiguous()
 
-    def __call__(self, x):
-        import torch
+    def __call__(self, x, residual=None):
+        """x @ W.T (+ bias) (+ residual), fp32: prompts, and every step without int8."""
         import torch.nn.functional as F
 
-        if self.scales is None or x.shape[0] > _INT8_KERNEL_MAX_ROWS:
-            return F.linear(x.to(torch.float32), self.dense, self.bias)
-        # bf16 out: the next operation (residual add, rotary, gate) promotes it to fp32 for free,
-        # and the down projection wants bf16 in anyway.
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
-        return y if self.bias is None else y + self.bias
+        y = F.linear(x, self.dense, self.bias)
+        return y if residual is None else residual + y
+
+    def quantized(self, x, residual=None):
+        """The same through the int8 weights: the decode steps of an int8 engine. A sequence
+        always takes the same path for the same step (prompts fp32, new tokens int8), whatever
+        it is batched with and whether its prompt's opening was reused."""
+        if self.bias is not None:
+            y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales) + self.bias
+            return y if residual is None else residual + y
+        return self.kernels.int8_linear(x.contiguous(), self.weight, self.scales, residual)
 
     def nbytes(self):
         size = self.dense.numel() * 4
-        return size + (0 if self.scales is None else self.weight.numel() + self.scales.numel() * 2)
+        return size + (0 if self.scales is None else self.weight.numel() + self.scales.numel() * 4)
 
 
 @dataclass
@@ -144,6 +149,14 @@ class DecoderWeights:
                 f"the serving engine runs Llama-family models (SmolLM2 and its fine-tunes), not {config.model_type!r}"
             )
         self.quantize = quantize
+        self.kernels = None
+        if quantize == "int8":
+            from inference import native
+
+            try:
+                self.kernels = native.kernels()
+            except native.NativeUnavailable as exc:
+                raise EngineError(str(exc)) from exc
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -161,7 +174,7 @@ class DecoderWeights:
                     weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight
                     biases = [m.bias for m in linears]
                     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-                    return _Projection(weight.detach().to(torch.float32), bias, quantize)
+                    return _Projection(weight.detach().to(torch.float32), bias, self.kernels)
 
                 self.layers.append(
                     _Layer(
@@ -175,7 +188,7 @@ class DecoderWeights:
                 )
             self.norm = model.model.norm.weight.detach()
             self.embed = model.model.embed_tokens.weight.detach()
-            self.lm_head = _Projection(model.lm_head.weight.detach(), None, quantize)
+            self.lm_head = _Projection(model.lm_head.weight.detach(), None, self.kernels)
             # transformers' own rotary module, evaluated once for every position: any rope variant the
             # checkpoint declares, with the same arithmetic as at training time.
             positions = torch.arange(self.max_positions)[None]
@@ -204,7 +217,7 @@ class DecoderWeights:
         total = sum(p.nbytes() for p in projections) + self.embed.numel() * 4
         if self.lm_head.dense.data_ptr() != self.embed.data_ptr():  # not tied
             total += self.lm_head.dense.numel() * 4
-        return total + (0 if self.lm_head.scales is None else self.lm_head.weight.numel() + self.vocab_size * 2)
+        return total + (0 if self.lm_head.scales is None else self.lm_head.weight.numel() + self.vocab_size * 4)
 
 
 class Adapter:
@@ -441,8 +454,13 @@ class Engine:
         ids = list(prompt_ids) + list(target_ids)
         if len(ids) > self.max_tokens:
             raise EngineError(f"the example is {len(ids)} tokens, more than the {self.max_tokens}-token context")
+        # With int8 weights the prompt runs on the fp32 weights and every later position on the
+        # int8 ones, as when the engine generates: the loss of what int8 serving predicts.
+        quantized_from = len(prompt_ids) if self.decoder.kernels is not None else None
         with torch.inference_mode():
-            logits = self._forward(torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True)
+            logits = self._forward(
+                torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True, quantized_from=quantized_from
+            )
         predicted = logits[len(prompt_ids) - 1 :]
         loss = F.cross_entropy(predicted, torch.tensor(list(target_ids)), reduction="sum")
         return float(loss), len(target_ids)
@@ -642,15 +660,20 @@ class Engine:
 
     # The decoder.
 
-    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0):
+    def _forward(
+        self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0, quantized_from=None
+    ):
         """Logits of the last position (of every position with ``every``).
         Prefill: ``tokens`` is [1, T], one sequence's prompt from position ``start``
         (the keys and values before it already in ``slot``), its keys and values
-        kept in ``slot`` (unless None). Decode: [B, 1], slot i at positions[i]."""
+        kept in ``slot`` (unless None); positions from ``quantized_from`` on run on
+        the int8 weights. Decode: [B, 1], slot i at positions[i]."""
         import torch
         import torch.nn.functional as F
 
         d = self.decoder
+        if not prefill and d.kernels is not None:
+            return self._decode_int8(tokens, positions)
         batch, length = tokens.shape
         rows = batch * length
         if prefill:
@@ -671,7 +694,7 @@ class Engine:
         q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
         for index, layer in enumerate(d.layers):
             x = _rms_norm(hidden, layer.input_norm, d.eps)
-            qkv = self._project(layer.qkv, x, index, "qkv", adapters).to(torch.float32)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters, split=quantized_from)
             # Rotary embedding on the queries and keys at once: element-wise, so the same numbers.
             qk = qkv[:, : q_width + kv_width].view(batch, length, heads + kv_heads, d.head_dim).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -697,7 +720,7 @@ class Engine:
                 self._values[index, slots, :, positions] = v[:, :, 0]
                 keys = self._keys[index, :batch, :, :span]
                 values = self._values[index, :batch, :, :span]
-                if mask is None and d.quantize == "none":  # one fp32 sequence: transformers' kernel, same numbers
+                if mask is None:  # one sequence: transformers' kernel, same numbers
                     attended = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
                     attended = attended.transpose(1, 2).reshape(rows, q_width)
                 else:
@@ -708,19 +731,54 @@ class Engine:
                         scores = scores.masked_fill(mask, float("-inf"))
                     scores = scores.softmax(-1)
                     attended = (scores @ values).reshape(rows, q_width)
-            hidden = hidden + self._project(layer.o, attended, index, "o", adapters)
+            hidden = hidden + self._project(layer.o, attended, index, "o", adapters, split=quantized_from)
             x = _rms_norm(hidden, layer.post_norm, d.eps)
-            gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters).chunk(2, dim=-1)
-            hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters)
+            gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters, split=quantized_from).chunk(
+                2, dim=-1
+            )
+            hidden = hidden + self._project(
+                layer.down, F.silu(gate) * up, index, "down", adapters, split=quantized_from
+            )
         last = _rms_norm(hidden if every else hidden.view(batch, length, -1)[:, -1], d.norm, d.eps)
-        logits = d.lm_head(last).to(torch.float32)
-        if d.lm_head.scales is not None and last.shape[0] <= _INT8_KERNEL_MAX_ROWS:
-            # The int8 head's logits are bf16, 0.125 apart at 20. A greedy pick and nearly all sampled
-            # mass are among the best few: rescore those exactly with the fp32 rows.
-            best = logits.topk(_EXACT_CANDIDATES, dim=-1).indices  # [rows, k]
-            exact = torch.einsum("rd,rkd->rk", last, d.lm_head.dense[best])
-            logits.scatter_(1, best, exact)
-        return logits
+        if quantized_from is not None and every:
+            return torch.cat([self._head(last[:quantized_from]), self._head(last[quantized_from:], quantized=True)])
+        return self._head(last)
+
+    def _decode_int8(self, tokens, positions):
+        """A decode step on int8 weights: each layer is a few calls into the native kernels
+        (inference/native), with fp32 activations throughout."""
+        d = self.decoder
+        kernels = d.kernels
+        adapters = self._adapter_rows()
+        cos, sin = d.cos[positions], d.sin[positions]  # [B, head_dim]
+        hidden = d.embed[tokens.reshape(-1)]  # [B, D]
+        scale = d.head_dim**-0.5
+        for index, layer in enumerate(d.layers):
+            x = kernels.rms_norm(hidden, layer.input_norm, d.eps)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters, quantized=True)
+            attended = kernels.decode_attention(
+                qkv, cos, sin, self._keys[index], self._values[index], positions, d.num_heads, d.num_kv_heads, scale
+            )
+            hidden = self._project(layer.o, attended, index, "o", adapters, residual=hidden, quantized=True)
+            x = kernels.rms_norm(hidden, layer.post_norm, d.eps)
+            gate_up = self._project(layer.gate_up, x, index, "gate_up", adapters, quantized=True)
+            down_in = kernels.silu_mul(gate_up)
+            hidden = self._project(layer.down, down_in, index, "down", adapters, residual=hidden, quantized=True)
+        return self._head(kernels.rms_norm(hidden, d.norm, d.eps), quantized=True)
+
+    def _head(self, last, *, quantized=False):
+        """Logits [rows, vocab] of the final hidden states."""
+        import torch
+
+        d = self.decoder
+        if not quantized:
+            return d.lm_head(last)
+        logits = d.lm_head.quantized(last)
+        # A greedy pick and nearly all sampled mass are among the best few: rescore those with
+        # the fp32 rows, so int8 changes the choice only when it misranks the best.
+        best = logits.topk(min(_EXACT_CANDIDATES, logits.shape[-1]), dim=-1).indices  # [rows, k]
+        exact = torch.einsum("rd,rkd->rk", last, d.lm_head.dense[best])
+        return logits.scatter_(1, best, exact)
 
     def _adapter_rows(self):
         """[(adapter, rows)] for the batch: rows None when every row uses it."""
@@ -736,9 +794,17 @@ class Engine:
             result.append((adapter, None if every else torch.tensor(slots)))
         return result
 
-    @staticmethod
-    def _project(projection, x, index, group, adapters):
-        y = projection(x)
+    @classmethod
+    def _project(cls, projection, x, index, group, adapters, residual=None, quantized=False, split=None):
+        """``projection`` of ``x`` plus each adapter's delta on its rows; with ``split``, rows
+        from ``split`` on through the int8 weights."""
+        if split is not None:
+            import torch
+
+            head = cls._project(projection, x[:split], index, group, adapters)
+            tail = cls._project(projection, x[split:], index, group, adapters, quantized=True)
+            return torch.cat([head, tail])
+        y = projection.quantized(x, residual) if quantized else projection(x, residual)
         for adapter, rows in adapters:
             weights = adapter.layers[index].get(group)
             if weights is None:

@@ -226,8 +226,9 @@ def _tokens(generation):
     return {index: (completion, generation.sequences[index].tokens) for index, (completion, _) in done.items()}
 
 
-def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(lively, make_engine):
-    engine = make_engine(max_batch=4)
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(lively, make_engine, quantize):
+    engine = make_engine(max_batch=4, quantize=quantize)
     [(alone, alone_ids)] = _tokens(_submit(engine, lively, PROMPTS[0], sampling=SAMPLED)).values()
     [(next_seed, _)] = _tokens(_submit(engine, lively, PROMPTS[0], sampling=replace(SAMPLED, seed=8))).values()
     assert alone.text != next_seed.text
@@ -392,3 +393,39 @@ def test_int8_weights_stay_close_to_fp32(lively, make_engine):
         [(_, fp32_ids)] = _tokens(_submit(full, lively, prompt, max_new_tokens=4)).values()
         [(_, int8_ids)] = _tokens(_submit(quantized, lively, prompt, max_new_tokens=4)).values()
         assert int8_ids == fp32_ids, prompt
+
+
+def test_int8_answers_are_the_same_alone_and_in_a_shared_batch(lively, make_engine):
+    """The int8 kernels compute each row on its own: base and adapter rows, greedy and
+    penalised, give the same tokens in a full, refilled batch as alone."""
+    engine = make_engine(max_batch=5, quantize="int8")
+    requests = [
+        (prompt, {"adapter": adapter, "sampling": Sampling(repetition_penalty=penalty), "max_new_tokens": length})
+        for prompt in PROMPTS
+        for adapter, penalty, length in ((None, 1.0, N), ("lora", 1.3, 17), ("rslora", 1.0, 25))
+    ]
+    alone = [_tokens(_submit(engine, lively, prompt, **options)) for prompt, options in requests]
+    together = [_tokens(g) for g in _submit_together(engine, lively, requests)]
+    for single, batched, request in zip(alone, together, requests, strict=True):
+        [(single_completion, single_ids)] = single.values()
+        [(batched_completion, batched_ids)] = batched.values()
+        assert batched_ids == single_ids, request
+        assert batched_completion.text == single_completion.text
+
+
+def test_int8_target_loss_is_the_loss_of_what_int8_serving_predicts(lively, make_engine):
+    """The evaluation's loss on an int8 engine: the prompt on the fp32 weights, then each
+    target token predicted by a decode step on the int8 weights."""
+    full, quantized = make_engine(), make_engine(quantize="int8")
+    prompt_ids, target_ids = lively.ids(PROMPTS[0]), lively.ids(" a short answer to score, token by token.")
+    with torch.inference_mode():
+        logits = [quantized._forward(torch.tensor([prompt_ids]), None, prefill=True, slot=0)[0]]
+        for offset, token in enumerate(target_ids[:-1]):
+            position = torch.tensor([len(prompt_ids) + offset])
+            logits.append(quantized._forward(torch.tensor([[token]]), position, prefill=False)[0])
+    served = torch.nn.functional.cross_entropy(torch.stack(logits), torch.tensor(target_ids), reduction="sum")
+
+    loss, count = quantized.target_loss(prompt_ids, target_ids)
+    assert count == len(target_ids)
+    assert loss == pytest.approx(float(served), rel=1e-4)
+    assert loss != pytest.approx(full.target_loss(prompt_ids, target_ids)[0], rel=1e-6)

@@ -1,0 +1,356 @@
+// The int8 decode step's kernels (INFERENCE_QUANTIZE=int8), built on first use by
+// inference/native/__init__.py.
+//
+// Decoding reads every weight once per token for a handful of rows, so it is bound by
+// memory: int8 weights with one fp32 scale per output channel, fp32 activations, and a
+// matrix-vector product that keeps both cores' loads in flight (torch's int8 kernel reaches
+// half the bandwidth here and rounds activations to bf16). The small per-layer operations
+// (norm, rotary + cache write + attention, SiLU) are one call each instead of dozens of
+// torch operations, whose dispatch cost more than the arithmetic.
+//
+// Every row is computed on its own, in the same order whatever the other rows are: a
+// sequence's numbers do not depend on what it is batched with (seeded sampling).
+//
+// x86-64 gets AVX-512 or AVX2 code chosen at run time, so one build runs on any x86-64 CPU;
+// other CPUs get plain loops.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define GENAPI_X86 1
+// Small loops compiled for each instruction set, the best chosen when the module loads.
+#define GENAPI_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define GENAPI_CLONES
+#endif
+
+namespace {
+
+constexpr int kRowsPerPass = 4;      // input rows sharing one read of a weight row
+constexpr int kOutputsPerPass = 4;   // weight rows read side by side (independent sums)
+constexpr int kPrefetchRows = 4;     // how far ahead the next weight rows are requested
+
+// y[m, o] = scale[o] * sum_i w[o, i] * x[m, i] (+ residual[m, o]) for o in [o0, o1).
+using LinearKernel = void (*)(const int8_t*, const float*, const float*, const float*, float*, int64_t,
+                              int64_t, int64_t, int64_t, int64_t);
+
+template <int M>
+void linear_rows_scalar(const int8_t* w, const float* scale, const float* x, const float* residual, float* y,
+                        int64_t rows, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  (void)rows;
+  for (int64_t o = o0; o < o1; ++o) {
+    const int8_t* wo = w + o * in;
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + m * in;
+      float sum = 0.f;
+      for (int64_t i = 0; i < in; ++i) sum += static_cast<float>(wo[i]) * xm[i];
+      float value = sum * scale[o];
+      y[m * out + o] = residual ? residual[m * out + o] + value : value;
+    }
+  }
+}
+
+#ifdef GENAPI_X86
+template <int M>
+__attribute__((target("avx512f,avx512bw"))) void linear_rows_avx512(const int8_t* w, const float* scale,
+                                                                     const float* x, const float* residual,
+                                                                     float* y, int64_t rows, int64_t in,
+                                                                     int64_t out, int64_t o0, int64_t o1) {
+  (void)rows;
+  constexpr int R = kOutputsPerPass;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 16) {
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_loadu_ps(x + m * in + i);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w + (o + r) * in + i;
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * in), _MM_HINT_T0);
+        __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) {
+        float value = _mm512_reduce_add_ps(acc[r][m]) * scale[o + r];
+        y[m * out + o + r] = residual ? residual[m * out + o + r] + value : value;
+      }
+  }
+  for (; o < o1; ++o) {  // the last outputs, one at a time: the same sums, in the same order
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 16) {
+      __m512 wv = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * in + i))));
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * in + i), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float value = _mm512_reduce_add_ps(acc[m]) * scale[o];
+      y[m * out + o] = residual ? residual[m * out + o] + value : value;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int M>
+__attribute__((target("avx2,fma"))) void linear_rows_avx2(const int8_t* w, const float* scale, const float* x,
+                                                           const float* residual, float* y, int64_t rows,
+                                                           int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  (void)rows;
+  constexpr int R = kOutputsPerPass;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < in; i += 8) {
+      __m256 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(x + m * in + i);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* row = w + (o + r) * in + i;
+        _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * in), _MM_HINT_T0);
+        __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row))));
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) {
+        float value = sum8(acc[r][m]) * scale[o + r];
+        y[m * out + o + r] = residual ? residual[m * out + o + r] + value : value;
+      }
+  }
+  for (; o < o1; ++o) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < in; i += 8) {
+      __m256 wv = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + o * in + i))));
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * in + i), acc[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float value = sum8(acc[m]) * scale[o];
+      y[m * out + o] = residual ? residual[m * out + o] + value : value;
+    }
+  }
+}
+#endif
+
+enum class Isa { scalar, avx2, avx512 };
+
+Isa isa_detect() {
+#ifdef GENAPI_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::scalar;
+}
+
+const Isa kIsa = isa_detect();
+
+template <int M>
+LinearKernel linear_kernel(int64_t in) {
+#ifdef GENAPI_X86
+  if (kIsa == Isa::avx512 && in % 16 == 0) return linear_rows_avx512<M>;
+  if (kIsa == Isa::avx2 && in % 8 == 0) return linear_rows_avx2<M>;
+#endif
+  return linear_rows_scalar<M>;
+}
+
+LinearKernel linear_kernel_for(int rows, int64_t in) {
+  switch (rows) {
+    case 1: return linear_kernel<1>(in);
+    case 2: return linear_kernel<2>(in);
+    case 3: return linear_kernel<3>(in);
+    default: return linear_kernel<4>(in);
+  }
+}
+
+void check_rows(const torch::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.scalar_type() == torch::kFloat32, name,
+              " must be a contiguous 2-d float32 tensor");
+  TORCH_CHECK(dim < 0 || t.size(1) == dim, name, " has ", t.size(1), " columns, expected ", dim);
+}
+
+}  // namespace
+
+// x [M, in] float32 @ (w [out, in] int8 * scale [out])^T (+ residual [M, out]).
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                          const c10::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == torch::kInt8, "w must be contiguous int8");
+  const int64_t out = w.size(0), in = w.size(1);
+  check_rows(x, "x", in);
+  TORCH_CHECK(scale.is_contiguous() && scale.scalar_type() == torch::kFloat32 && scale.numel() == out,
+              "scale must be float32 with one value per output");
+  const int64_t rows = x.size(0);
+  const float* res = nullptr;
+  if (residual.has_value()) {
+    check_rows(*residual, "residual", out);
+    TORCH_CHECK(residual->size(0) == rows, "residual must have the rows of x");
+    res = residual->data_ptr<float>();
+  }
+  auto y = torch::empty({rows, out}, x.options());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // Threads split the outputs; each thread reads its weight rows once for all input rows,
+  // in passes of up to kRowsPerPass rows while the weight rows are still in L1.
+  at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t step = o0; step < o1; step += 16) {
+      const int64_t stop = std::min(o1, step + 16);
+      for (int64_t m = 0; m < rows; m += kRowsPerPass) {
+        const int count = static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m));
+        linear_kernel_for(count, in)(wp, sp, xp + m * in, res ? res + m * out : nullptr, yp + m * out, count, in,
+                                     out, step, stop);
+      }
+    }
+  });
+  return y;
+}
+
+// transformers' LlamaRMSNorm: weight * (x * rsqrt(mean(x^2) + eps)), in float32.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "x", weight.numel());
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kFloat32, "weight must be float32");
+  const int64_t rows = x.size(0), dim = x.size(1);
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * dim;
+    float sum = 0.f;
+    for (int64_t i = 0; i < dim; ++i) sum += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(sum / static_cast<float>(dim) + static_cast<float>(eps));
+    for (int64_t i = 0; i < dim; ++i) yp[r * dim + i] = wp[i] * (xr[i] * inv);
+  }
+  return y;
+}
+
+// [M, 2F] (gate | up) -> [M, F]: silu(gate) * up, with torch's vectorised SiLU.
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up", -1);
+  const int64_t width = gate_up.size(1) / 2;
+  return at::silu(gate_up.narrow(1, 0, width)).mul_(gate_up.narrow(1, width, width));
+}
+
+// transformers' rotary embedding (rotate-half layout) of one head.
+static GENAPI_CLONES void rotate(const float* in, const float* c, const float* s, float* out, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+#pragma omp simd
+  for (int64_t j = 0; j < half; ++j) {
+    out[j] = in[j] * c[j] + (-in[j + half]) * s[j];
+    out[j + half] = in[j + half] * c[j + half] + in[j] * s[j + half];
+  }
+}
+
+// One key/value head of one row: rotate and store its new key and value at ``pos``, then
+// attend each of its query heads over positions 0..pos.
+static GENAPI_CLONES void attend_group(const float* row, const float* c, const float* s, float* key_cache,
+                                float* value_cache, float* out_row, int64_t pos, int64_t heads, int64_t kv_heads,
+                                int64_t kvh, int64_t head_dim, float scale, float* query, float* scores) {
+  const int64_t group = heads / kv_heads;
+  rotate(row + (heads + kvh) * head_dim, c, s, key_cache + pos * head_dim, head_dim);
+  const float* value = row + (heads + kv_heads + kvh) * head_dim;
+  std::copy(value, value + head_dim, value_cache + pos * head_dim);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = kvh * group + g;
+    rotate(row + h * head_dim, c, s, query, head_dim);
+    float best = -INFINITY;
+    for (int64_t t = 0; t <= pos; ++t) {
+      const float* k = key_cache + t * head_dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < head_dim; ++j) dot += query[j] * k[j];
+      scores[t] = dot * scale;
+      best = std::max(best, scores[t]);
+    }
+    float total = 0.f;
+    for (int64_t t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - best));
+    float* out = out_row + h * head_dim;
+    std::fill(out, out + head_dim, 0.f);
+    for (int64_t t = 0; t <= pos; ++t) {
+      const float p = scores[t] / total;
+      const float* v = value_cache + t * head_dim;
+#pragma omp simd
+      for (int64_t j = 0; j < head_dim; ++j) out[j] += p * v[j];
+    }
+  }
+}
+
+// One new token per row b (cache slot b, at positions[b]): rotary embedding of its query and
+// key (cos/sin [B, head_dim], transformers' rotate-half layout), its key and value written
+// into the cache (keys/values [slots, kv_heads, tokens, head_dim]), then attention of each
+// query head over positions 0..positions[b] of its key/value head. Returns [B, heads * head_dim].
+torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                               torch::Tensor keys, torch::Tensor values, const torch::Tensor& positions,
+                               int64_t heads, int64_t kv_heads, double scale) {
+  const int64_t batch = qkv.size(0), head_dim = keys.size(3), tokens = keys.size(2);
+  check_rows(qkv, "qkv", (heads + 2 * kv_heads) * head_dim);
+  check_rows(cos, "cos", head_dim);
+  check_rows(sin, "sin", head_dim);
+  TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == torch::kFloat32 && keys.size(1) == kv_heads && keys.size(0) >= batch,
+              "keys and values must be float32 caches [slots, kv_heads, tokens, head_dim]");
+  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.numel() == batch, "one position per row");
+  TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must group evenly over kv_heads");
+  auto result = torch::empty({batch, heads * head_dim}, qkv.options());
+  const float* qkvp = qkv.data_ptr<float>();
+  const float* cosp = cos.data_ptr<float>();
+  const float* sinp = sin.data_ptr<float>();
+  const int64_t* posp = positions.data_ptr<int64_t>();
+  float* kp = keys.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  float* outp = result.data_ptr<float>();
+  const int64_t width = (heads + 2 * kv_heads) * head_dim;
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(posp[b] >= 0 && posp[b] < tokens, "position ", posp[b], " is outside the cache");
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(head_dim), scores(tokens);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      attend_group(qkvp + b * width, cosp + b * head_dim, sinp + b * head_dim,
+                   kp + ((b * kv_heads + kvh) * tokens) * head_dim, vp + ((b * kv_heads + kvh) * tokens) * head_dim,
+                   outp + b * heads * head_dim, posp[b], heads, kv_heads, kvh, head_dim, static_cast<float>(scale),
+                   query.data(), scores.data());
+    }
+  });
+  return result;
+}
+
+std::string isa() {
+  switch (kIsa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released while a kernel runs, as torch's own operations do: web threads keep
+  // serving (tokenising, streaming) while the engine's thread computes.
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("int8_linear", &int8_linear, "x @ (int8 w * scale)^T (+ residual)", py::arg("x"), py::arg("w"),
+        py::arg("scale"), py::arg("residual") = py::none(), release());
+  m.def("rms_norm", &rms_norm, "Llama RMSNorm", release());
+  m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
+  m.def("decode_attention", &decode_attention, "rotary, cache write and attention for one token per row",
+        release());
+  m.def("isa", &isa, "the instruction set the kernels use");
+}
