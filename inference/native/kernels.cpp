@@ -259,37 +259,29 @@ static GENAPI_CLONES void rotate(const float* in, const float* c, const float* s
   }
 }
 
-// One key/value head of one row: rotate and store its new key and value at ``pos``, then
-// attend each of its query heads over positions 0..pos.
-static GENAPI_CLONES void attend_group(const float* row, const float* c, const float* s, float* key_cache,
-                                float* value_cache, float* out_row, int64_t pos, int64_t heads, int64_t kv_heads,
-                                int64_t kvh, int64_t head_dim, float scale, float* query, float* scores) {
-  const int64_t group = heads / kv_heads;
-  rotate(row + (heads + kvh) * head_dim, c, s, key_cache + pos * head_dim, head_dim);
-  const float* value = row + (heads + kv_heads + kvh) * head_dim;
-  std::copy(value, value + head_dim, value_cache + pos * head_dim);
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = kvh * group + g;
-    rotate(row + h * head_dim, c, s, query, head_dim);
-    float best = -INFINITY;
-    for (int64_t t = 0; t <= pos; ++t) {
-      const float* k = key_cache + t * head_dim;
-      float dot = 0.f;
+// One query head of one row: rotate the query, attend over positions 0..pos of its key/value
+// head's cache (the new key and value already stored), write the head's output.
+static GENAPI_CLONES void attend_head(const float* query_in, const float* c, const float* s, const float* key_cache,
+                                      const float* value_cache, float* out, int64_t pos, int64_t head_dim,
+                                      float scale, float* query, float* scores) {
+  rotate(query_in, c, s, query, head_dim);
+  float best = -INFINITY;
+  for (int64_t t = 0; t <= pos; ++t) {
+    const float* k = key_cache + t * head_dim;
+    float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < head_dim; ++j) dot += query[j] * k[j];
-      scores[t] = dot * scale;
-      best = std::max(best, scores[t]);
-    }
-    float total = 0.f;
-    for (int64_t t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - best));
-    float* out = out_row + h * head_dim;
-    std::fill(out, out + head_dim, 0.f);
-    for (int64_t t = 0; t <= pos; ++t) {
-      const float p = scores[t] / total;
-      const float* v = value_cache + t * head_dim;
+    for (int64_t j = 0; j < head_dim; ++j) dot += query[j] * k[j];
+    scores[t] = dot * scale;
+    best = std::max(best, scores[t]);
+  }
+  float total = 0.f;
+  for (int64_t t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - best));
+  std::fill(out, out + head_dim, 0.f);
+  for (int64_t t = 0; t <= pos; ++t) {
+    const float p = scores[t] / total;
+    const float* v = value_cache + t * head_dim;
 #pragma omp simd
-      for (int64_t j = 0; j < head_dim; ++j) out[j] += p * v[j];
-    }
+    for (int64_t j = 0; j < head_dim; ++j) out[j] += p * v[j];
   }
 }
 
@@ -321,14 +313,25 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(posp[b] >= 0 && posp[b] < tokens, "position ", posp[b], " is outside the cache");
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // The new keys and values first (small), then every query head on its own: heads, not
+  // key/value heads, spread evenly over the threads.
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      const float* row = qkvp + b * width;
+      const int64_t cache = ((b * kv_heads + kvh) * tokens + posp[b]) * head_dim;
+      rotate(row + (heads + kvh) * head_dim, cosp + b * head_dim, sinp + b * head_dim, kp + cache, head_dim);
+      const float* value = row + (heads + kv_heads + kvh) * head_dim;
+      std::copy(value, value + head_dim, vp + cache);
+    }
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> query(head_dim), scores(tokens);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, kvh = task % kv_heads;
-      attend_group(qkvp + b * width, cosp + b * head_dim, sinp + b * head_dim,
-                   kp + ((b * kv_heads + kvh) * tokens) * head_dim, vp + ((b * kv_heads + kvh) * tokens) * head_dim,
-                   outp + b * heads * head_dim, posp[b], heads, kv_heads, kvh, head_dim, static_cast<float>(scale),
-                   query.data(), scores.data());
+      const int64_t b = task / heads, h = task % heads;
+      const int64_t cache = ((b * kv_heads + h / group) * tokens) * head_dim;
+      attend_head(qkvp + b * width + h * head_dim, cosp + b * head_dim, sinp + b * head_dim, kp + cache, vp + cache,
+                  outp + (b * heads + h) * head_dim, posp[b], head_dim, static_cast<float>(scale), query.data(),
+                  scores.data());
     }
   });
   return result;
