@@ -148,7 +148,6 @@ class DecoderWeights:
             raise UnsupportedModel(
                 f"the serving engine runs Llama-family models (SmolLM2 and its fine-tunes), not {config.model_type!r}"
             )
-        self.quantize = quantize
         self.kernels = None
         if quantize == "int8":
             from inference import native

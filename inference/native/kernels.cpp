@@ -37,12 +37,11 @@ constexpr int kPrefetchRows = 4;     // how far ahead the next weight rows are r
 
 // y[m, o] = scale[o] * sum_i w[o, i] * x[m, i] (+ residual[m, o]) for o in [o0, o1).
 using LinearKernel = void (*)(const int8_t*, const float*, const float*, const float*, float*, int64_t,
-                              int64_t, int64_t, int64_t, int64_t);
+                              int64_t, int64_t, int64_t);
 
 template <int M>
 void linear_rows_scalar(const int8_t* w, const float* scale, const float* x, const float* residual, float* y,
-                        int64_t rows, int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  (void)rows;
+                        int64_t in, int64_t out, int64_t o0, int64_t o1) {
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* wo = w + o * in;
     for (int m = 0; m < M; ++m) {
@@ -59,9 +58,8 @@ void linear_rows_scalar(const int8_t* w, const float* scale, const float* x, con
 template <int M>
 __attribute__((target("avx512f,avx512bw"))) void linear_rows_avx512(const int8_t* w, const float* scale,
                                                                      const float* x, const float* residual,
-                                                                     float* y, int64_t rows, int64_t in,
+                                                                     float* y, int64_t in,
                                                                      int64_t out, int64_t o0, int64_t o1) {
-  (void)rows;
   constexpr int R = kOutputsPerPass;
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
@@ -108,9 +106,8 @@ __attribute__((target("avx2,fma"))) inline float sum8(__m256 v) {
 
 template <int M>
 __attribute__((target("avx2,fma"))) void linear_rows_avx2(const int8_t* w, const float* scale, const float* x,
-                                                           const float* residual, float* y, int64_t rows,
+                                                           const float* residual, float* y,
                                                            int64_t in, int64_t out, int64_t o0, int64_t o1) {
-  (void)rows;
   constexpr int R = kOutputsPerPass;
   int64_t o = o0;
   for (; o + R <= o1; o += R) {
@@ -210,13 +207,14 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   float* yp = y.data_ptr<float>();
   // Threads split the outputs; each thread reads its weight rows once for all input rows,
   // in passes of up to kRowsPerPass rows while the weight rows are still in L1.
+  const LinearKernel full = linear_kernel_for(kRowsPerPass, in);
+  const LinearKernel last = linear_kernel_for(static_cast<int>(rows % kRowsPerPass), in);
   at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
     for (int64_t step = o0; step < o1; step += 16) {
       const int64_t stop = std::min(o1, step + 16);
       for (int64_t m = 0; m < rows; m += kRowsPerPass) {
-        const int count = static_cast<int>(std::min<int64_t>(kRowsPerPass, rows - m));
-        linear_kernel_for(count, in)(wp, sp, xp + m * in, res ? res + m * out : nullptr, yp + m * out, count, in,
-                                     out, step, stop);
+        const LinearKernel kernel = m + kRowsPerPass <= rows ? full : last;
+        kernel(wp, sp, xp + m * in, res ? res + m * out : nullptr, yp + m * out, in, out, step, stop);
       }
     }
   });
