@@ -15,13 +15,16 @@ transformers' own, so greedy text equals `model.generate`'s. Plain
 `generate` spends most of a step outside the matrix products; here a step is
 the products, a few dozen element-wise operations per layer and nothing else.
 
-Weights are fp32 by default. ``quantize="int8"`` also keeps the projection and
-output-head weights as int8 with one scale per output channel, for the decode
-steps: each layer is then a few calls into native kernels (inference/native)
-that read a quarter of the bytes per token, with fp32 activations. Prompts
-always run on the fp32 weights. LoRA versions are low-rank deltas applied next
-to the shared base projections, per row of the batch, so one batch mixes the
-base model and any adapters.
+Weights are fp32 by default. A lone sequence's steps use torch's products, the
+same arithmetic as `generate`; the steps of several sequences go through native
+kernels (inference/native), since torch's product repacks the weights on every
+call and runs at a third of the memory's speed for a handful of rows.
+``quantize="int8"`` also keeps the projection and output-head weights as int8
+with one scale per output channel, for every decode step: the native kernels then
+read a quarter of the bytes per token, with fp32 activations. Prompts always run
+on the fp32 weights. LoRA versions are low-rank deltas applied next to the
+shared base projections, per row of the batch, so one batch mixes the base
+model and any adapters.
 """
 
 import logging
@@ -69,7 +72,7 @@ class QueueFull(EngineError):
 class _Projection:
     """One linear layer (several fused along the output: q|k|v, gate|up)."""
 
-    def __init__(self, weight, bias, kernels):
+    def __init__(self, weight, bias, kernels, *, quantize):
         import torch
 
         self.bias = bias
@@ -79,28 +82,35 @@ class _Projection:
         self.dense = self.weight = weight.contiguous()
         self.scales = None
         self.kernels = kernels
-        if kernels is not None:
+        if quantize:
             # Decoding (a few rows per step) is bound by the bytes read: int8 with one scale per
             # output channel, multiplied with fp32 activations by the native kernel.
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.float32).contiguous()
 
-    def __call__(self, x, residual=None):
-        """x @ W.T (+ bias) (+ residual), fp32: prompts, and every step without int8."""
+    def __call__(self, x, residual=None, *, kernel=None):
+        """x @ W.T (+ bias) (+ residual). ``kernel`` None: torch's fp32 product (prompts, and a
+        lone sequence's steps: transformers' own numbers); "f32": the native fp32 kernel (the
+        steps of several sequences); "int8": the native kernel on the int8 weights (every step
+        of an int8 engine). A sequence takes the same path for the same step whatever it is
+        batched with and whether its prompt's opening was reused, except fp32 alone against
+        fp32 batched, which differ in the order of the sums."""
         import torch.nn.functional as F
 
-        y = F.linear(x, self.dense, self.bias)
-        return y if residual is None else residual + y
-
-    def quantized(self, x, residual=None):
-        """The same through the int8 weights: the decode steps of an int8 engine. A sequence
-        always takes the same path for the same step (prompts fp32, new tokens int8), whatever
-        it is batched with and whether its prompt's opening was reused."""
-        if self.bias is not None:
-            y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales) + self.bias
+        if kernel is None:
+            y = F.linear(x, self.dense, self.bias)
             return y if residual is None else residual + y
-        return self.kernels.int8_linear(x.contiguous(), self.weight, self.scales, residual)
+        fused = residual if self.bias is None else None
+        if kernel == "int8":
+            y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales, fused)
+        else:
+            y = self.kernels.f32_linear(x.contiguous(), self.dense, fused)
+        if self.bias is not None:
+            y = y + self.bias
+            if residual is not None:
+                y = residual + y
+        return y
 
     def nbytes(self):
         size = self.dense.numel() * 4
@@ -148,14 +158,17 @@ class DecoderWeights:
             raise UnsupportedModel(
                 f"the serving engine runs Llama-family models (SmolLM2 and its fine-tunes), not {config.model_type!r}"
             )
+        self.quantized = quantize == "int8"
         self.kernels = None
-        if quantize == "int8":
-            from inference import native
+        from inference import native
 
-            try:
-                self.kernels = native.kernels()
-            except native.NativeUnavailable as exc:
-                raise EngineError(str(exc)) from exc
+        try:
+            self.kernels = native.kernels()
+        except native.NativeUnavailable as exc:
+            if self.quantized:
+                raise EngineError(f"INFERENCE_QUANTIZE=int8: {exc}") from exc
+            # fp32 still runs: batched steps then go through torch's products, about half as fast.
+            logger.warning("fp32 batched decoding falls back to torch's products: %s", exc)
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -173,7 +186,7 @@ class DecoderWeights:
                     weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight
                     biases = [m.bias for m in linears]
                     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-                    return _Projection(weight.detach().to(torch.float32), bias, self.kernels)
+                    return _Projection(weight.detach().to(torch.float32), bias, self.kernels, quantize=self.quantized)
 
                 self.layers.append(
                     _Layer(
@@ -187,7 +200,7 @@ class DecoderWeights:
                 )
             self.norm = model.model.norm.weight.detach()
             self.embed = model.model.embed_tokens.weight.detach()
-            self.lm_head = _Projection(model.lm_head.weight.detach(), None, self.kernels)
+            self.lm_head = _Projection(model.lm_head.weight.detach(), None, self.kernels, quantize=self.quantized)
             # transformers' own rotary module, evaluated once for every position: any rope variant the
             # checkpoint declares, with the same arithmetic as at training time.
             positions = torch.arange(self.max_positions)[None]
@@ -455,7 +468,7 @@ class Engine:
             raise EngineError(f"the example is {len(ids)} tokens, more than the {self.max_tokens}-token context")
         # With int8 weights the prompt runs on the fp32 weights and every later position on the
         # int8 ones, as when the engine generates: the loss of what int8 serving predicts.
-        quantized_from = len(prompt_ids) if self.decoder.kernels is not None else None
+        quantized_from = len(prompt_ids) if self.decoder.quantized else None
         with torch.inference_mode():
             logits = self._forward(
                 torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True, quantized_from=quantized_from
@@ -671,8 +684,8 @@ class Engine:
         import torch.nn.functional as F
 
         d = self.decoder
-        if not prefill and d.kernels is not None:
-            return self._decode_int8(tokens, positions)
+        if not prefill and (d.quantized or (d.kernels is not None and tokens.shape[0] > 1)):
+            return self._decode_native(tokens, positions, kernel="int8" if d.quantized else "f32")
         batch, length = tokens.shape
         rows = batch * length
         if prefill:
@@ -740,12 +753,12 @@ class Engine:
             )
         last = _rms_norm(hidden if every else hidden.view(batch, length, -1)[:, -1], d.norm, d.eps)
         if quantized_from is not None and every:
-            return torch.cat([self._head(last[:quantized_from]), self._head(last[quantized_from:], quantized=True)])
+            return torch.cat([self._head(last[:quantized_from]), self._head(last[quantized_from:], kernel="int8")])
         return self._head(last)
 
-    def _decode_int8(self, tokens, positions):
-        """A decode step on int8 weights: each layer is a few calls into the native kernels
-        (inference/native), with fp32 activations throughout."""
+    def _decode_native(self, tokens, positions, *, kernel):
+        """A decode step through the native kernels (inference/native): a few calls per layer,
+        fp32 activations throughout, the projections on the int8 or fp32 weights (``kernel``)."""
         d = self.decoder
         kernels = d.kernels
         adapters = self._adapter_rows()
@@ -754,25 +767,25 @@ class Engine:
         scale = d.head_dim**-0.5
         for index, layer in enumerate(d.layers):
             x = kernels.rms_norm(hidden, layer.input_norm, d.eps)
-            qkv = self._project(layer.qkv, x, index, "qkv", adapters, quantized=True)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters, kernel=kernel)
             attended = kernels.decode_attention(
                 qkv, cos, sin, self._keys[index], self._values[index], positions, d.num_heads, d.num_kv_heads, scale
             )
-            hidden = self._project(layer.o, attended, index, "o", adapters, residual=hidden, quantized=True)
+            hidden = self._project(layer.o, attended, index, "o", adapters, residual=hidden, kernel=kernel)
             x = kernels.rms_norm(hidden, layer.post_norm, d.eps)
-            gate_up = self._project(layer.gate_up, x, index, "gate_up", adapters, quantized=True)
+            gate_up = self._project(layer.gate_up, x, index, "gate_up", adapters, kernel=kernel)
             down_in = kernels.silu_mul(gate_up)
-            hidden = self._project(layer.down, down_in, index, "down", adapters, residual=hidden, quantized=True)
-        return self._head(kernels.rms_norm(hidden, d.norm, d.eps), quantized=True)
+            hidden = self._project(layer.down, down_in, index, "down", adapters, residual=hidden, kernel=kernel)
+        return self._head(kernels.rms_norm(hidden, d.norm, d.eps), kernel=kernel)
 
-    def _head(self, last, *, quantized=False):
+    def _head(self, last, *, kernel=None):
         """Logits [rows, vocab] of the final hidden states."""
         import torch
 
         d = self.decoder
-        if not quantized:
-            return d.lm_head(last)
-        logits = d.lm_head.quantized(last)
+        if kernel != "int8":
+            return d.lm_head(last, kernel=kernel)
+        logits = d.lm_head(last, kernel="int8")
         # A greedy pick and nearly all sampled mass are among the best few: rescore those with
         # the fp32 rows, so int8 changes the choice only when it misranks the best.
         best = logits.topk(min(_EXACT_CANDIDATES, logits.shape[-1]), dim=-1).indices  # [rows, k]
@@ -794,16 +807,16 @@ class Engine:
         return result
 
     @classmethod
-    def _project(cls, projection, x, index, group, adapters, residual=None, quantized=False, split=None):
-        """``projection`` of ``x`` plus each adapter's delta on its rows; with ``split``, rows
-        from ``split`` on through the int8 weights."""
+    def _project(cls, projection, x, index, group, adapters, residual=None, kernel=None, split=None):
+        """``projection`` of ``x`` (through ``kernel``, see _Projection) plus each adapter's delta
+        on its rows; with ``split``, rows from ``split`` on through the int8 weights."""
         if split is not None:
             import torch
 
             head = cls._project(projection, x[:split], index, group, adapters)
-            tail = cls._project(projection, x[split:], index, group, adapters, quantized=True)
+            tail = cls._project(projection, x[split:], index, group, adapters, kernel="int8")
             return torch.cat([head, tail])
-        y = projection.quantized(x, residual) if quantized else projection(x, residual)
+        y = projection(x, residual, kernel=kernel)
         for adapter, rows in adapters:
             weights = adapter.layers[index].get(group)
             if weights is None:

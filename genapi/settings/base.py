@@ -172,7 +172,7 @@ INFERENCE_MAX_CONTEXT_TOKENS = env.int("INFERENCE_MAX_CONTEXT_TOKENS", default=1
 # native kernels built with the machine's C++ compiler; check it with bench/quantization_eval.py
 # before turning it on.
 INFERENCE_QUANTIZE = env.str("INFERENCE_QUANTIZE", default="none")
-# Where the int8 kernels (inference/native/kernels.cpp) are compiled on first use.
+# Where the native decode kernels (inference/native/kernels.cpp) are compiled on first use.
 INFERENCE_NATIVE_DIR = Path(env("INFERENCE_NATIVE_DIR", default=str(VAR_DIR / "native")))
 # How many model versions one process keeps in memory (least recently used goes).
 INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default=2)

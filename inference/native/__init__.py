@@ -1,4 +1,4 @@
-"""The int8 decode kernels (kernels.cpp), compiled with the machine's C++ compiler on first
+"""The native decode kernels (kernels.cpp), compiled with the machine's C++ compiler on first
 use and kept in ``INFERENCE_NATIVE_DIR``; later processes load the built module in about a
 second. Several processes starting at once build it once (torch's lock file)."""
 
@@ -21,7 +21,7 @@ class NativeUnavailable(RuntimeError):
 
 
 def kernels(directory=None):
-    """The compiled module: int8_linear, rms_norm, silu_mul, decode_attention, isa."""
+    """The compiled module: int8_linear, f32_linear, rms_norm, silu_mul, decode_attention, isa."""
     global _module
     with _lock:
         if _module is None:
@@ -55,10 +55,9 @@ def _build(directory):
     except (OSError, RuntimeError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NativeUnavailable(
-            f"INFERENCE_QUANTIZE=int8 needs its kernels built with a C++ compiler (g++) and ninja "
-            f"into {directory}: {first}"
+            f"the native decode kernels need a C++ compiler (g++) and ninja to build into {directory}: {first}"
         ) from exc
-    logger.info("int8 kernels ready (%s) in %.1f s", module.isa(), time.monotonic() - started)
+    logger.info("native decode kernels ready (%s) in %.1f s", module.isa(), time.monotonic() - started)
     return module
 
 

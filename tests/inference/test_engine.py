@@ -121,9 +121,13 @@ def expected(lively, hf_generate):
 def make_engine(lively):
     engines = []
 
-    def make(*, max_batch=8, max_queue=32, quantize="none"):
+    def make(*, max_batch=8, max_queue=32, quantize="none", native=True):
+        decoder = lively.decoder if quantize == "none" else lively.decoder_int8
+        if not native:  # as on a machine without a C++ compiler
+            decoder = copy.copy(decoder)
+            decoder.kernels = None
         engine = Engine(
-            lively.decoder if quantize == "none" else lively.decoder_int8,
+            decoder,
             lively.tokenizer,
             stop_token_ids=lively.stop_ids,
             max_batch=max_batch,
@@ -197,10 +201,12 @@ def test_greedy_answers_equal_transformers_generate(lively, expected, make_engin
         _assert_greedy(generation, ids, text, prompt[:40])
 
 
-def test_greedy_answers_are_the_same_in_a_shared_batch(lively, expected, make_engine):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_greedy_answers_are_the_same_in_a_shared_batch(lively, expected, make_engine, native):
     """Versions, penalties, prompt and answer lengths mixed in one batch, more requests than
-    slots: requests join the running batch as others leave it, each at its own position."""
-    engine = make_engine(max_batch=6)
+    slots: requests join the running batch as others leave it, each at its own position.
+    Batched fp32 steps run on the native kernels, or on torch's products without them."""
+    engine = make_engine(max_batch=6, native=native)
     lengths = [N, 9, 30, 4, 41, 17, 23]
     combinations = [(p, a, r) for r in (1.0, 1.3) for a in (None, "lora", "rslora") for p in PROMPTS]
     requests, answers = [], []

@@ -1,4 +1,4 @@
-"""The int8 decode kernels (inference/native) against torch's own arithmetic."""
+"""The native decode kernels (inference/native) against torch's own arithmetic."""
 
 import pytest
 import torch
@@ -34,12 +34,29 @@ def test_int8_linear_is_the_dequantised_product_and_each_row_is_its_own(kernels,
     assert torch.equal(alone, y)
 
 
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (70, 1536), (33, 48), (7, 20)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_f32_linear_is_the_product_and_each_row_is_its_own(kernels, rows, out_features, in_features):
+    torch.manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features) * 0.05
+    x, residual = torch.randn(rows, in_features), torch.randn(rows, out_features)
+    reference = (x.double() @ weight.double().T).float()
+
+    y = kernels.f32_linear(x, weight)
+    torch.testing.assert_close(y, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels.f32_linear(x, weight, residual), residual + reference)
+    alone = torch.cat([kernels.f32_linear(x[i : i + 1].contiguous(), weight) for i in range(rows)])
+    assert torch.equal(alone, y)
+
+
 def test_int8_linear_names_what_is_wrong(kernels):
     weight, scale = _quantized(8, 32)
     with pytest.raises(RuntimeError, match="x has 16 columns, expected 32"):
         kernels.int8_linear(torch.randn(2, 16), weight, scale)
     with pytest.raises(RuntimeError, match="w must be contiguous int8"):
         kernels.int8_linear(torch.randn(2, 32), weight.float(), scale)
+    with pytest.raises(RuntimeError, match="w must be a contiguous 2-d float32 tensor"):
+        kernels.f32_linear(torch.randn(2, 32), weight)
 
 
 def test_rms_norm_and_silu_match_transformers(kernels):
@@ -106,5 +123,9 @@ def test_without_a_compiler_int8_is_refused_with_the_reason(monkeypatch, tiny_ch
 
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    with pytest.raises(EngineError, match=r"needs its kernels built with a C\+\+ compiler .*c\+\+: not found"):
-        DecoderWeights(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), quantize="int8")
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    with pytest.raises(EngineError, match=r"INFERENCE_QUANTIZE=int8: .* need a C\+\+ compiler .*c\+\+: not found"):
+        DecoderWeights(model, quantize="int8")
+    # fp32 does not need them: its batched steps go through torch's products instead.
+    decoder = DecoderWeights(model, quantize="none")
+    assert decoder.kernels is None
