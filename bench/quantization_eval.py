@@ -10,9 +10,9 @@ those the command picks: by default the validation split the version was trained
 with (``--split-of`` another version's, or ``--file``), at most ``--limit``.
 
 Both runs go through the serving path: the loader, the engine's batched greedy
-generation, and its loss, which with int8 is the loss of what int8 serving
-predicts (the prompt on the fp32 weights, every later position on the int8
-weights, as when generating).
+generation (with int8: drafts on the int8 weights, each checked on the fp32
+weights, which choose every token given out), and its loss (fp32 on both: the
+tokens int8 serving gives out are fp32's choices).
 
 The int8 setting passes when every quality metric (those with a better
 direction: loss, perplexity, ROUGE-L, chrF, BLEU, coverage, repetition, cut-off

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
 _EXACT_CANDIDATES = 64
+# int8 drafting: tokens drafted per round, and the most sequences in a batch for which drafting
+# beats plain fp32 steps (each sequence's check is a pass over the fp32 weights of its own).
+_DRAFT_TOKENS = 8
+_DRAFT_MAX_ROWS = 2
 # Prompt openings whose keys and values are kept for reuse (per engine), how long they may be,
 # and the shortest worth copying.
 _PREFIXES_KEPT = 4
@@ -466,13 +470,9 @@ class Engine:
         ids = list(prompt_ids) + list(target_ids)
         if len(ids) > self.max_tokens:
             raise EngineError(f"the example is {len(ids)} tokens, more than the {self.max_tokens}-token context")
-        # With int8 weights the prompt runs on the fp32 weights and every later position on the
-        # int8 ones, as when the engine generates: the loss of what int8 serving predicts.
-        quantized_from = len(prompt_ids) if self.decoder.quantized else None
+        # fp32 also on an int8 engine: every token it gives out is the fp32 weights' choice.
         with torch.inference_mode():
-            logits = self._forward(
-                torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True, quantized_from=quantized_from
-            )
+            logits = self._forward(torch.tensor([ids[:-1]]), None, prefill=True, adapter=adapter, every=True)
         predicted = logits[len(prompt_ids) - 1 :]
         loss = F.cross_entropy(predicted, torch.tensor(list(target_ids)), reduction="sum")
         return float(loss), len(target_ids)
@@ -551,7 +551,7 @@ class Engine:
         logits = self._forward(tokens, None, prefill=True, slot=slot, adapter=sequence.adapter, start=start)
         self._prefix_keep(sequence.adapter, ids, slot)
         sequence.position = len(ids)
-        self._emit(slot, sequence, logits[0])
+        self._emit(slot, sequence, self._choose(sequence, logits[0]))
 
     def _prefix_reuse(self, adapter, ids, slot):
         """Copy into ``slot`` the keys and values of the longest opening this prompt shares
@@ -591,6 +591,11 @@ class Engine:
         import torch
 
         batch = self._active
+        if self.decoder.quantized and len(batch) <= _DRAFT_MAX_ROWS:
+            # Never past a sequence's token limit (nor so past the end of the cache).
+            drafts = min(_DRAFT_TOKENS, min(s.max_new_tokens - len(s.tokens) for s in batch) - 1)
+            if drafts > 0:
+                return self._speculate(drafts)
         tokens = torch.tensor([[s.tokens[-1]] for s in batch])
         positions = torch.tensor([s.position for s in batch])
         logits = self._forward(tokens, positions, prefill=False)
@@ -598,12 +603,53 @@ class Engine:
             sequence.position += 1
         # From the last slot down: a finished sequence's slot is refilled by the last one.
         for slot in range(len(batch) - 1, -1, -1):
-            self._emit(slot, batch[slot], logits[slot])
+            sequence = batch[slot]
+            self._emit(slot, sequence, self._choose(sequence, logits[slot]))
 
-    def _emit(self, slot, sequence, logits):
-        """Choose the next token of ``sequence`` from its logits; report text; end it if it is done."""
+    def _speculate(self, drafts):
+        """An int8 engine's round: ``drafts`` tokens drafted on the int8 weights for every
+        sequence, then each sequence's drafts checked in one pass over the fp32 weights, which
+        also gives the fp32 choice after the last draft. The sequence takes the fp32 choices up
+        to and including the first one its draft missed: the tokens fp32 decoding would give
+        (the same draws for a seeded sample), for about one fp32 pass per round."""
+        import torch
+
+        batch = list(self._active)
+        starts = [s.position for s in batch]
+        drafted = [[] for _ in batch]
+        # A sampled sequence's generator before its first draw: the check redraws from there.
+        states = [None if s.generator is None else s.generator.get_state() for s in batch]
+        tokens = [s.tokens[-1] for s in batch]
+        for step in range(drafts):
+            logits = self._decode_native(
+                torch.tensor(tokens)[:, None], torch.tensor([p + step for p in starts]), kernel="int8"
+            )
+            for row, sequence in enumerate(batch):
+                tokens[row] = self._choose(sequence, logits[row], history=sequence.tokens + drafted[row])
+                drafted[row].append(tokens[row])
+        # The check: every sequence's last token and drafts, in its own slot at its next positions,
+        # one pass over the fp32 weights for all of them.
+        rows = [(slot, [s.tokens[-1], *drafted[slot]]) for slot, s in enumerate(batch)]
+        logits = self._decode_native(
+            torch.tensor([token for _, ids in rows for token in ids])[:, None],
+            torch.tensor([starts[slot] + i for slot, ids in rows for i in range(len(ids))]),
+            kernel="f32",
+            slots=torch.tensor([slot for slot, ids in rows for _ in ids]),
+        )
+        checked = logits.view(len(batch), drafts + 1, -1)
+        for slot in range(len(batch) - 1, -1, -1):
+            sequence = batch[slot]
+            if states[slot] is not None:
+                sequence.generator.set_state(states[slot])
+            for index, logits in enumerate(checked[slot]):
+                token = self._choose(sequence, logits)
+                sequence.position += 1
+                if self._emit(slot, sequence, token) or index == drafts or token != drafted[slot][index]:
+                    break
+
+    def _emit(self, slot, sequence, token):
+        """Add the next token to ``sequence``; report text; end it if it is done (returns True)."""
         generation = sequence.generation
-        token = self._choose(sequence, logits)
         sequence.tokens.append(token)
         if generation.first_token_at is None:
             generation.first_token_at = time.monotonic()
@@ -620,6 +666,7 @@ class Engine:
             return self._done(sequence, "cancelled", slot=slot)
         if time.monotonic() > generation.deadline:
             return self._done(sequence, "timeout", slot=slot)
+        return False
 
     def _done(self, sequence, reason, *, slot):
         text, tail = sequence.text.final()
@@ -630,7 +677,7 @@ class Engine:
             ("done", sequence.index, Completion(sequence.index, text, reason, len(sequence.tokens), time.monotonic()))
         )
         if slot is None:
-            return
+            return True
         if sequence.started_at:
             seconds = time.monotonic() - sequence.started_at
             self._seconds_per_sequence = 0.8 * self._seconds_per_sequence + 0.2 * seconds
@@ -642,13 +689,15 @@ class Engine:
             self._values[:, slot, :, :length] = self._values[:, last, :, :length]
             self._active[slot] = moved
         self._active.pop()
+        return True
 
-    def _choose(self, sequence, logits):
+    def _choose(self, sequence, logits, history=None):
+        """The next token from ``logits``, after ``history`` (default: the sequence's tokens)."""
         import torch
 
         sampling = sequence.sampling
         if sampling.repetition_penalty != 1.0:
-            seen = torch.tensor(sequence.generation.prompt_ids + sequence.tokens)
+            seen = torch.tensor(sequence.generation.prompt_ids + (sequence.tokens if history is None else history))
             score = logits.gather(0, seen)
             score = torch.where(score < 0, score * sampling.repetition_penalty, score / sampling.repetition_penalty)
             logits = logits.scatter(0, seen, score)
@@ -672,20 +721,18 @@ class Engine:
 
     # The decoder.
 
-    def _forward(
-        self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0, quantized_from=None
-    ):
-        """Logits of the last position (of every position with ``every``).
-        Prefill: ``tokens`` is [1, T], one sequence's prompt from position ``start``
-        (the keys and values before it already in ``slot``), its keys and values
-        kept in ``slot`` (unless None); positions from ``quantized_from`` on run on
-        the int8 weights. Decode: [B, 1], slot i at positions[i]."""
+    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0, kernel=None):
+        """Logits of the last position (of every position with ``every``), on the fp32 weights.
+        Prefill: ``tokens`` is [1, T], one sequence's prompt (or drafts) from position
+        ``start`` (the keys and values before it already in ``slot``), its keys and values
+        kept in ``slot`` (unless None), the products through ``kernel`` (see _Projection).
+        Decode: [B, 1], slot i at positions[i]; several rows go through the native kernels."""
         import torch
         import torch.nn.functional as F
 
         d = self.decoder
-        if not prefill and (d.quantized or (d.kernels is not None and tokens.shape[0] > 1)):
-            return self._decode_native(tokens, positions, kernel="int8" if d.quantized else "f32")
+        if not prefill and d.kernels is not None and (tokens.shape[0] > 1 or d.quantized):
+            return self._decode_native(tokens, positions, kernel="f32")
         batch, length = tokens.shape
         rows = batch * length
         if prefill:
@@ -706,7 +753,7 @@ class Engine:
         q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
         for index, layer in enumerate(d.layers):
             x = _rms_norm(hidden, layer.input_norm, d.eps)
-            qkv = self._project(layer.qkv, x, index, "qkv", adapters, split=quantized_from)
+            qkv = self._project(layer.qkv, x, index, "qkv", adapters, kernel=kernel)
             # Rotary embedding on the queries and keys at once: element-wise, so the same numbers.
             qk = qkv[:, : q_width + kv_width].view(batch, length, heads + kv_heads, d.head_dim).transpose(1, 2)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -743,25 +790,21 @@ class Engine:
                         scores = scores.masked_fill(mask, float("-inf"))
                     scores = scores.softmax(-1)
                     attended = (scores @ values).reshape(rows, q_width)
-            hidden = hidden + self._project(layer.o, attended, index, "o", adapters, split=quantized_from)
+            hidden = hidden + self._project(layer.o, attended, index, "o", adapters, kernel=kernel)
             x = _rms_norm(hidden, layer.post_norm, d.eps)
-            gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters, split=quantized_from).chunk(
-                2, dim=-1
-            )
-            hidden = hidden + self._project(
-                layer.down, F.silu(gate) * up, index, "down", adapters, split=quantized_from
-            )
+            gate, up = self._project(layer.gate_up, x, index, "gate_up", adapters, kernel=kernel).chunk(2, dim=-1)
+            hidden = hidden + self._project(layer.down, F.silu(gate) * up, index, "down", adapters, kernel=kernel)
         last = _rms_norm(hidden if every else hidden.view(batch, length, -1)[:, -1], d.norm, d.eps)
-        if quantized_from is not None and every:
-            return torch.cat([self._head(last[:quantized_from]), self._head(last[quantized_from:], kernel="int8")])
-        return self._head(last)
+        return self._head(last, kernel=kernel)
 
-    def _decode_native(self, tokens, positions, *, kernel):
+    def _decode_native(self, tokens, positions, *, kernel, slots=None):
         """A decode step through the native kernels (inference/native): a few calls per layer,
-        fp32 activations throughout, the projections on the int8 or fp32 weights (``kernel``)."""
+        fp32 activations throughout, the projections on the int8 or fp32 weights (``kernel``).
+        ``tokens`` [rows, 1]: row i in cache slot ``slots[i]`` (default i) at ``positions[i]``.
+        Each row's numbers are its own, whatever the other rows are."""
         d = self.decoder
         kernels = d.kernels
-        adapters = self._adapter_rows()
+        adapters = self._adapter_rows(slots)
         cos, sin = d.cos[positions], d.sin[positions]  # [B, head_dim]
         hidden = d.embed[tokens.reshape(-1)]  # [B, D]
         scale = d.head_dim**-0.5
@@ -769,8 +812,9 @@ class Engine:
             x = kernels.rms_norm(hidden, layer.input_norm, d.eps)
             qkv = self._project(layer.qkv, x, index, "qkv", adapters, kernel=kernel)
             attended = kernels.decode_attention(
-                qkv, cos, sin, self._keys[index], self._values[index], positions, d.num_heads, d.num_kv_heads, scale
-            )
+                qkv, cos, sin, self._keys[index], self._values[index], positions, d.num_heads, d.num_kv_heads, scale,
+                slots,
+            )  # fmt: skip
             hidden = self._project(layer.o, attended, index, "o", adapters, residual=hidden, kernel=kernel)
             x = kernels.rms_norm(hidden, layer.post_norm, d.eps)
             gate_up = self._project(layer.gate_up, x, index, "gate_up", adapters, kernel=kernel)
@@ -792,30 +836,25 @@ class Engine:
         exact = torch.einsum("rd,rkd->rk", last, d.lm_head.dense[best])
         return logits.scatter_(1, best, exact)
 
-    def _adapter_rows(self):
-        """[(adapter, rows)] for the batch: rows None when every row uses it."""
+    def _adapter_rows(self, slots=None):
+        """[(adapter, rows)] for a step's rows (row i of the sequence in slot ``slots[i]``,
+        default i): rows None when every row uses it."""
         import torch
 
+        owners = self._active if slots is None else [self._active[slot] for slot in slots.tolist()]
         groups = {}
-        for slot, sequence in enumerate(self._active):
+        for row, sequence in enumerate(owners):
             if sequence.adapter is not None:
-                groups.setdefault(id(sequence.adapter), (sequence.adapter, []))[1].append(slot)
+                groups.setdefault(id(sequence.adapter), (sequence.adapter, []))[1].append(row)
         result = []
-        for adapter, slots in groups.values():
-            every = len(slots) == len(self._active)
-            result.append((adapter, None if every else torch.tensor(slots)))
+        for adapter, rows in groups.values():
+            every = len(rows) == len(owners)
+            result.append((adapter, None if every else torch.tensor(rows)))
         return result
 
-    @classmethod
-    def _project(cls, projection, x, index, group, adapters, residual=None, kernel=None, split=None):
-        """``projection`` of ``x`` (through ``kernel``, see _Projection) plus each adapter's delta
-        on its rows; with ``split``, rows from ``split`` on through the int8 weights."""
-        if split is not None:
-            import torch
-
-            head = cls._project(projection, x[:split], index, group, adapters)
-            tail = cls._project(projection, x[split:], index, group, adapters, kernel="int8")
-            return torch.cat([head, tail])
+    @staticmethod
+    def _project(projection, x, index, group, adapters, residual=None, kernel=None):
+        """``projection`` of ``x`` (through ``kernel``, see _Projection) plus each adapter's delta on its rows."""
         y = projection(x, residual, kernel=kernel)
         for adapter, rows in adapters:
             weights = adapter.layers[index].get(group)

@@ -323,19 +323,23 @@ static GENAPI_CLONES void attend_head(const float* query_in, const float* c, con
   }
 }
 
-// One new token per row b (cache slot b, at positions[b]): rotary embedding of its query and
-// key (cos/sin [B, head_dim], transformers' rotate-half layout), its key and value written
-// into the cache (keys/values [slots, kv_heads, tokens, head_dim]), then attention of each
-// query head over positions 0..positions[b] of its key/value head. Returns [B, heads * head_dim].
+// One token per row b, in cache slot slots[b] (default: b) at positions[b]: rotary embedding of
+// its query and key (cos/sin [B, head_dim], transformers' rotate-half layout), its key and value
+// written into the cache (keys/values [slots, kv_heads, tokens, head_dim]), then attention of
+// each query head over positions 0..positions[b] of its slot's key/value head. Several rows may
+// share a slot at consecutive positions (a sequence's drafts, checked at once): every row's key
+// and value is written before any row attends, so each sees those before it, as in a prompt.
+// Returns [B, heads * head_dim].
 torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                                torch::Tensor keys, torch::Tensor values, const torch::Tensor& positions,
-                               int64_t heads, int64_t kv_heads, double scale) {
+                               int64_t heads, int64_t kv_heads, double scale,
+                               const c10::optional<torch::Tensor>& slots) {
   const int64_t batch = qkv.size(0), head_dim = keys.size(3), tokens = keys.size(2);
   check_rows(qkv, "qkv", (heads + 2 * kv_heads) * head_dim);
   check_rows(cos, "cos", head_dim);
   check_rows(sin, "sin", head_dim);
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
-                  keys.scalar_type() == torch::kFloat32 && keys.size(1) == kv_heads && keys.size(0) >= batch,
+                  keys.scalar_type() == torch::kFloat32 && keys.size(1) == kv_heads,
               "keys and values must be float32 caches [slots, kv_heads, tokens, head_dim]");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.numel() == batch, "one position per row");
   TORCH_CHECK(heads % kv_heads == 0 && head_dim % 2 == 0, "heads must group evenly over kv_heads");
@@ -350,13 +354,23 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
   const int64_t width = (heads + 2 * kv_heads) * head_dim;
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(posp[b] >= 0 && posp[b] < tokens, "position ", posp[b], " is outside the cache");
+  std::vector<int64_t> slot(batch);
+  if (slots.has_value()) {
+    TORCH_CHECK(slots->scalar_type() == torch::kInt64 && slots->is_contiguous() && slots->numel() == batch,
+                "one slot per row");
+    std::copy(slots->data_ptr<int64_t>(), slots->data_ptr<int64_t>() + batch, slot.begin());
+  } else {
+    for (int64_t b = 0; b < batch; ++b) slot[b] = b;
+  }
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < keys.size(0), "slot ", slot[b], " is outside the cache");
 
   // The new keys and values first (small), then every query head on its own: heads, not
   // key/value heads, spread evenly over the threads.
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       const float* row = qkvp + b * width;
-      const int64_t cache = ((b * kv_heads + kvh) * tokens + posp[b]) * head_dim;
+      const int64_t cache = ((slot[b] * kv_heads + kvh) * tokens + posp[b]) * head_dim;
       rotate(row + (heads + kvh) * head_dim, cosp + b * head_dim, sinp + b * head_dim, kp + cache, head_dim);
       const float* value = row + (heads + kv_heads + kvh) * head_dim;
       std::copy(value, value + head_dim, vp + cache);
@@ -366,7 +380,7 @@ torch::Tensor decode_attention(const torch::Tensor& qkv, const torch::Tensor& co
     std::vector<float> query(head_dim), scores(tokens);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / heads, h = task % heads;
-      const int64_t cache = ((b * kv_heads + h / group) * tokens) * head_dim;
+      const int64_t cache = ((slot[b] * kv_heads + h / group) * tokens) * head_dim;
       attend_head(qkvp + b * width + h * head_dim, cosp + b * head_dim, sinp + b * head_dim, kp + cache, vp + cache,
                   outp + (b * heads + h) * head_dim, posp[b], head_dim, static_cast<float>(scale), query.data(),
                   scores.data());
@@ -394,6 +408,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "Llama RMSNorm", release());
   m.def("silu_mul", &silu_mul, "silu(gate) * up", release());
   m.def("decode_attention", &decode_attention, "rotary, cache write and attention for one token per row",
-        release());
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("keys"), py::arg("values"), py::arg("positions"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("scale"), py::arg("slots") = py::none(), release());
   m.def("isa", &isa, "the instruction set the kernels use");
 }

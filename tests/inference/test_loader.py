@@ -155,9 +155,9 @@ def test_versions_on_one_base_share_a_batch_across_threads(base_version, loras, 
     mixes = []  # at each forward pass, the adapters of the sequences in the batch
     adapter_rows = engine._adapter_rows
 
-    def recording():
+    def recording(slots=None):
         mixes.append(len({id(sequence.adapter) for sequence in engine._active}))
-        return adapter_rows()
+        return adapter_rows(slots)
 
     monkeypatch.setattr(engine, "_adapter_rows", recording)
     answers, errors = [], []

@@ -112,6 +112,45 @@ def test_decode_attention_writes_the_cache_and_attends_over_each_rows_own_past(k
         kernels.decode_attention(qkv, cos, sin, keys, values, torch.tensor([1, 2, 40]), heads, kv_heads, scale)
 
 
+def test_rows_sharing_a_slot_attend_like_a_prompt_and_like_one_step_each(kernels):
+    """A sequence's drafts checked at once: rows in one slot at consecutive positions see the
+    cache before them and each other up to themselves, with the numbers of one step per row."""
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, tokens, start, length = 9, 3, 64, 40, 11, 5
+    width = (heads + 2 * kv_heads) * head_dim
+    cache = torch.zeros(4, kv_heads, tokens, head_dim), torch.zeros(4, kv_heads, tokens, head_dim)
+    for part in cache:
+        part[2, :, :start] = torch.randn(kv_heads, start, head_dim)
+        part[2, :, start:] = torch.nan
+    one_by_one = cache[0].clone(), cache[1].clone()
+    qkv = torch.randn(length, width)
+    angles = torch.randn(length, head_dim // 2)
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    positions, slots = torch.arange(start, start + length), torch.full((length,), 2)
+    scale = head_dim**-0.5
+
+    together = kernels.decode_attention(qkv, cos, sin, *cache, positions, heads, kv_heads, scale, slots)
+
+    steps = [
+        kernels.decode_attention(
+            qkv[i : i + 1], cos[i : i + 1], sin[i : i + 1], *one_by_one, positions[i : i + 1], heads, kv_heads,
+            scale, slots[i : i + 1],
+        )
+        for i in range(length)
+    ]  # fmt: skip
+    assert torch.equal(together, torch.cat(steps))
+    assert torch.equal(cache[0][:, :, : start + length], one_by_one[0][:, :, : start + length])
+    # Against torch's causal attention of the same rows after the cached opening.
+    q = _rotate(qkv[:, : heads * head_dim].view(length, heads, head_dim).transpose(0, 1), cos, sin)
+    k = cache[0][2, :, : start + length].repeat_interleave(heads // kv_heads, dim=0)
+    v = cache[1][2, :, : start + length].repeat_interleave(heads // kv_heads, dim=0)
+    mask = torch.arange(start + length)[None] <= positions[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    torch.testing.assert_close(together, expected.transpose(0, 1).reshape(length, -1))
+    with pytest.raises(RuntimeError, match="slot 4 is outside the cache"):
+        kernels.decode_attention(qkv, cos, sin, *cache, positions, heads, kv_heads, scale, torch.full((length,), 4))
+
+
 def test_without_a_compiler_int8_is_refused_with_the_reason(monkeypatch, tiny_checkpoint):
     from torch.utils import cpp_extension
     from transformers import AutoModelForCausalLM
