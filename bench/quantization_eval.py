@@ -1,13 +1,16 @@
 """Does int8 serving keep the quality of fp32? The evaluation metrics, side by side.
 
     python bench/quantization_eval.py --version NAME|active|base [--split-of VERSION]
-        [--file F --map TARGET=COLUMN ...] [--limit N] [--max-new-tokens N] [--json PATH]
+        [--file F --map TARGET=COLUMN ...] [--limit N] [--max-new-tokens N] [--max-batch N] [--json PATH]
 
 Runs ``python manage.py evaluate`` twice on the same examples and weights, once
 with ``INFERENCE_QUANTIZE=none`` (fp32) and once with ``int8``, in this process,
 and prints every metric of both with its relative change. The examples are
 those the command picks: by default the validation split the version was trained
 with (``--split-of`` another version's, or ``--file``), at most ``--limit``.
+``--max-batch 1`` generates one sequence at a time: fp32 then takes exactly
+``generate``'s path, and int8 drafts every token (it drafts only while at most
+two sequences run).
 
 Both runs go through the serving path: the loader, the engine's batched greedy
 generation (with int8: drafts on the int8 weights, each checked on the fp32
@@ -35,8 +38,9 @@ from train_bench import django_setup  # noqa: E402
 TOLERANCE = 0.01
 
 
-def evaluate(quantize, arguments, directory):
-    """The evaluate command's JSON for ``arguments`` with INFERENCE_QUANTIZE=``quantize``."""
+def evaluate(quantize, arguments, directory, max_batch):
+    """The evaluate command's JSON for ``arguments`` with INFERENCE_QUANTIZE=``quantize``
+    (and INFERENCE_MAX_BATCH=``max_batch``, unless None)."""
     from django.core.management import call_command
     from django.test import override_settings
 
@@ -44,7 +48,8 @@ def evaluate(quantize, arguments, directory):
 
     path = Path(directory) / f"{quantize}.json"
     loader.cache_clear(wait=30)  # weights are cached per artifact, not per setting
-    with override_settings(INFERENCE_QUANTIZE=quantize):
+    batch = {} if max_batch is None else {"INFERENCE_MAX_BATCH": max_batch}
+    with override_settings(INFERENCE_QUANTIZE=quantize, **batch):
         call_command("evaluate", *arguments, "--json", str(path))
     loader.cache_clear(wait=30)
     return json.loads(path.read_text())
@@ -65,6 +70,9 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--limit", type=int)
     parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument(
+        "--max-batch", type=int, help="sequences generated at once (default INFERENCE_MAX_BATCH); 1: one at a time"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -83,7 +91,7 @@ def main(argv=None):
         arguments += ["--set", item]
     with tempfile.TemporaryDirectory() as directory:
         try:
-            fp32, int8 = (evaluate(q, arguments, directory) for q in ("none", "int8"))
+            fp32, int8 = (evaluate(q, arguments, directory, args.max_batch) for q in ("none", "int8"))
         except CommandError as exc:
             print(f"quantization_eval: {exc}", file=sys.stderr)
             return 1
