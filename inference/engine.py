@@ -213,6 +213,24 @@ class DecoderWeights:
             probe = torch.zeros(1, 1, self.head_dim, dtype=torch.float32)
             cos, sin = model.model.rotary_emb(probe, positions)
             self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        # The per-layer tensors of the native decode step (kernels.decode_layers), by kernel.
+        self.native_layers = {}
+        if self.kernels is not None:
+            none = torch.empty(0)
+            for kernel in ("int8", "f32") if self.quantized else ("f32",):
+
+                def parts(p, kernel=kernel):
+                    if kernel == "int8":
+                        return [p.weight, p.scales, none if p.bias is None else p.bias]
+                    return [p.dense, none, none if p.bias is None else p.bias]
+
+                self.native_layers[kernel] = [
+                    [
+                        layer.input_norm, *parts(layer.qkv), *parts(layer.o),
+                        layer.post_norm, *parts(layer.gate_up), *parts(layer.down),
+                    ]
+                    for layer in self.layers
+                ]  # fmt: skip
         self.group_slices = {
             "qkv": {
                 "q_proj": (0, self.num_heads * self.head_dim),
@@ -800,29 +818,25 @@ class Engine:
         return self._head(last)
 
     def _decode_native(self, tokens, positions, *, kernel, slots=None):
-        """A decode step through the native kernels (inference/native): a few calls per layer,
+        """A decode step through the native kernels (inference/native): one call for every layer,
         fp32 activations throughout, the projections on the int8 or fp32 weights (``kernel``).
         ``tokens`` [rows, 1]: row i in cache slot ``slots[i]`` (default i) at ``positions[i]``.
         Each row's numbers are its own, whatever the other rows are."""
         d = self.decoder
-        kernels = d.kernels
         adapters = self._adapter_rows(slots)
-        cos, sin = d.cos[positions], d.sin[positions]  # [B, head_dim]
-        hidden = d.embed[tokens.reshape(-1)]  # [B, D]
-        scale = d.head_dim**-0.5
-        for index, layer in enumerate(d.layers):
-            x = kernels.rms_norm(hidden, layer.input_norm, d.eps)
-            qkv = self._project(layer.qkv, x, index, "qkv", adapters, kernel=kernel)
-            attended = kernels.decode_attention(
-                qkv, cos, sin, self._keys[index], self._values[index], positions, d.num_heads, d.num_kv_heads, scale,
-                slots,
-            )  # fmt: skip
-            hidden = self._project(layer.o, attended, index, "o", adapters, residual=hidden, kernel=kernel)
-            x = kernels.rms_norm(hidden, layer.post_norm, d.eps)
-            gate_up = self._project(layer.gate_up, x, index, "gate_up", adapters, kernel=kernel)
-            down_in = kernels.silu_mul(gate_up)
-            hidden = self._project(layer.down, down_in, index, "down", adapters, residual=hidden, kernel=kernel)
-        return self._head(kernels.rms_norm(hidden, d.norm, d.eps), kernel=kernel)
+        # Per layer and group, (A, B, rows) of each adapter in the step that has that group.
+        deltas = [
+            [
+                [(*adapter.layers[index][group], rows) for adapter, rows in adapters if group in adapter.layers[index]]
+                for group in GROUPS
+            ]
+            for index in range(len(d.layers))
+        ] if adapters else []  # fmt: skip
+        hidden = d.kernels.decode_layers(
+            d.embed[tokens.reshape(-1)], d.native_layers[kernel], deltas, self._keys, self._values,
+            d.cos[positions], d.sin[positions], positions, slots, d.num_heads, d.num_kv_heads, d.head_dim**-0.5, d.eps,
+        )  # fmt: skip
+        return self._head(d.kernels.rms_norm(hidden, d.norm, d.eps), kernel=kernel)
 
     def _head(self, last, *, kernel=None):
         """Logits [rows, vocab] of the final hidden states."""
