@@ -6,8 +6,9 @@
 // activations, and a matrix-vector product that keeps both cores' loads in flight (torch's
 // int8 kernel reaches half the bandwidth here and rounds activations to bf16; its fp32 product
 // repacks the weights for more than two rows). The small per-layer operations (norm, rotary +
-// cache write + attention, SiLU) are one call each instead of dozens of torch operations, whose
-// dispatch cost more than the arithmetic.
+// cache write + attention, SiLU) are one function each instead of dozens of torch operations,
+// whose dispatch cost more than the arithmetic, and decode_layers runs all layers of a step in
+// one call from Python.
 //
 // Every row is computed on its own, in the same order whatever the other rows are: a
 // sequence's numbers do not depend on what it is batched with (seeded sampling).
