@@ -332,9 +332,14 @@ def test_a_full_queue_refuses_with_a_retry_delay_and_earlier_work_goes_on(lively
     )
 
 
-def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_engine, monkeypatch):
-    engine = make_engine(max_batch=1)
-    slow_steps(engine, monkeypatch)  # N tokens take about a second
+# An int8 engine's step is a round of up to 9 tokens: slower rounds, to act while one runs.
+QUANTIZED_PACE = pytest.mark.parametrize("quantize,pace", [("none", 0.02), ("int8", 0.1)])
+
+
+@QUANTIZED_PACE
+def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_engine, monkeypatch, quantize, pace):
+    engine = make_engine(max_batch=1, quantize=quantize)
+    slow_steps(engine, monkeypatch, pace)  # N tokens take about a second
     running = _submit(engine, lively, PROMPTS[0], timeout=0.3)
     waiting = _submit(engine, lively, PROMPTS[1], timeout=0.1)  # never gets the slot in time
     [(late, _)] = _collect(waiting).values()
@@ -348,9 +353,10 @@ def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_en
     assert engine.load() == (0, 0)
 
 
-def test_cancel_frees_the_slot_for_the_next_request(lively, expected, make_engine, monkeypatch):
-    engine = make_engine(max_batch=1)
-    slow_steps(engine, monkeypatch)
+@QUANTIZED_PACE
+def test_cancel_frees_the_slot_for_the_next_request(lively, expected, make_engine, monkeypatch, quantize, pace):
+    engine = make_engine(max_batch=1, quantize=quantize)
+    slow_steps(engine, monkeypatch, pace)
     first = _submit(engine, lively, PROMPTS[0])
     assert eventually(lambda: engine.load() == (1, 0))
     second = _submit(engine, lively, PROMPTS[1])
