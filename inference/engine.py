@@ -94,29 +94,21 @@ class _Projection:
             self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.float32).contiguous()
 
-    def __call__(self, x, residual=None, *, kernel=None):
-        """x @ W.T (+ bias) (+ residual). ``kernel`` None: torch's fp32 product (prompts, and a
-        lone sequence's steps on an fp32 engine: transformers' own numbers); "f32": the native
-        fp32 kernel (the steps of several sequences, and every step and check of an int8
-        engine); "int8": the native kernel on the int8 weights (an int8 engine's drafts). The
-        native kernels compute each row on its own: a sequence's numbers do not depend on what
-        it is batched with, except on an fp32 engine alone against batched, which differ in the
-        order of the sums."""
+    def __call__(self, x, *, kernel=None):
+        """x @ W.T (+ bias). ``kernel`` None: torch's fp32 product (prompts, and a lone
+        sequence's steps on an fp32 engine: transformers' own numbers); "f32" or "int8": the
+        native kernel on the fp32 or int8 weights, which computes each row on its own. A decode
+        step's layers run in kernels.decode_layers from the same weights; this serves the head
+        and torch's path."""
         import torch.nn.functional as F
 
         if kernel is None:
-            y = F.linear(x, self.dense, self.bias)
-            return y if residual is None else residual + y
-        fused = residual if self.bias is None else None
+            return F.linear(x, self.dense, self.bias)
         if kernel == "int8":
-            y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales, fused)
+            y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales)
         else:
-            y = self.kernels.f32_linear(x.contiguous(), self.dense, fused)
-        if self.bias is not None:
-            y = y + self.bias
-            if residual is not None:
-                y = residual + y
-        return y
+            y = self.kernels.f32_linear(x.contiguous(), self.dense)
+        return y if self.bias is None else y + self.bias
 
     def nbytes(self):
         size = self.dense.numel() * 4
@@ -869,9 +861,10 @@ class Engine:
         return result
 
     @staticmethod
-    def _project(projection, x, index, group, adapters, residual=None, kernel=None):
-        """``projection`` of ``x`` (through ``kernel``, see _Projection) plus each adapter's delta on its rows."""
-        y = projection(x, residual, kernel=kernel)
+    def _project(projection, x, index, group, adapters):
+        """``projection`` of ``x`` plus each adapter's delta on its rows (torch's path; the native
+        step does the same in kernels.cpp's project)."""
+        y = projection(x)
         for adapter, rows in adapters:
             weights = adapter.layers[index].get(group)
             if weights is None:

@@ -21,7 +21,8 @@ class NativeUnavailable(RuntimeError):
 
 
 def kernels(directory=None):
-    """The compiled module: int8_linear, f32_linear, rms_norm, silu_mul, decode_attention, isa."""
+    """The compiled module: int8_linear, f32_linear, rms_norm, silu_mul, decode_attention,
+    decode_layers, isa."""
     global _module
     with _lock:
         if _module is None:
