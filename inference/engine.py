@@ -20,12 +20,13 @@ same arithmetic as `generate`; the steps of several sequences go through native
 kernels (inference/native), since torch's product repacks the weights on every
 call and runs at a third of the memory's speed for a handful of rows.
 ``quantize="int8"`` also keeps the projection and output-head weights as int8
-with one scale per output channel, to draft tokens with (the native kernels read a
-quarter of the bytes per token, with fp32 activations) while one or two sequences
-run; one pass over the fp32 weights checks the drafts and chooses every token
-given out, so the text is fp32's. Prompts always run on the fp32 weights. LoRA versions are low-rank deltas applied next to the
-shared base projections, per row of the batch, so one batch mixes the base
-model and any adapters.
+with one scale per output channel, to draft tokens with (the native kernels read
+a quarter of the bytes per token, with fp32 activations) while one or two
+sequences run; one pass over the fp32 weights checks the drafts and chooses
+every token given out, so the text is fp32's. Prompts always run on the fp32
+weights. LoRA versions are low-rank deltas applied next to the shared base
+projections, per row of the batch, so one batch mixes the base model and any
+adapters.
 """
 
 import logging
@@ -621,9 +622,9 @@ class Engine:
     def _speculate(self, drafts):
         """An int8 engine's round: ``drafts`` tokens drafted on the int8 weights for every
         sequence, then every sequence's drafts checked in one pass over the fp32 weights, which
-        also gives the fp32 choice after each one's last draft. The sequence takes the fp32 choices up
-        to and including the first one its draft missed: the tokens fp32 decoding would give
-        (the same draws for a seeded sample), for about one fp32 pass per round."""
+        also gives the fp32 choice after each one's last draft. The sequence takes the fp32
+        choices up to and including the first one its draft missed: the tokens fp32 decoding
+        would give (the same draws for a seeded sample), for about one fp32 pass per round."""
         import torch
 
         batch = list(self._active)
