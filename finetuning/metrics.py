@@ -46,11 +46,14 @@ METRICS = {
 
 
 def words(text):
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
 def _fold(word):
-    """A crude singular, so that 'shoes' mentions 'shoe' and 'laces' mentions 'lace'."""
+    """A crude singular without the possessive, so that 'shoes' mentions 'shoe', 'laces'
+    mentions 'lace' and "men's" mentions 'men'."""
+    if word.endswith("'s"):
+        word = word[:-2]
     if len(word) > 4 and word.endswith("es") and word[-3] in "sxz":
         return word[:-2]
     if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):

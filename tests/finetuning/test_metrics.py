@@ -56,6 +56,11 @@ def test_attribute_coverage_counts_values_the_text_mentions():
     # Every word of a value must be there: "Trail" alone does not mention "Trail Runner".
     assert not metrics.mentions("a trail shoe", "Trail Runner")
     assert metrics.mentions("RECYCLED LACE", "recycled laces")
+    # A possessive mentions its word, with either apostrophe: "men's shorts" are for Men.
+    assert metrics.mentions("these men's shorts", "Men")
+    assert metrics.mentions("women\u2019s tights", "Women")
+    assert metrics.mentions("a kid's cap", "Kids")
+    assert not metrics.mentions("menswear", "Men")
     assert metrics.attribute_coverage("anything", {"price": 3.0}) is None
 
 
