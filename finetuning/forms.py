@@ -109,6 +109,13 @@ class FineTuneForm(forms.Form):
         label="LoRA target modules",
         help_text="Comma-separated module names.",
     )
+    name_product = forms.BooleanField(
+        required=False,
+        initial=_defaults.name_product,
+        label="Name the product",
+        help_text="Train on descriptions that name the product: those that do not are opened with its name. "
+        "Off: learn the descriptions exactly as written.",
+    )
 
 
 def json_pretty(value):

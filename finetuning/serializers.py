@@ -17,7 +17,8 @@ class JobStartSerializer(serializers.Serializer):
         default=dict,
         help_text="Overrides of the defaults: method (lora|full), epochs, max_steps, learning_rate, batch_size, "
         "gradient_accumulation_steps, warmup_ratio, weight_decay, max_seq_length, seed, eval_steps, lora_r, "
-        "lora_alpha, lora_dropout, lora_target_modules.",
+        "lora_alpha, lora_dropout, lora_target_modules, name_product (true: train on descriptions that name "
+        "the product).",
     )
 
     def validate(self, data):

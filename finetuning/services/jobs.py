@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from finetuning import store
 from finetuning.hyperparameters import hyperparameters_parse
+from finetuning.metrics import mentions
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
 from finetuning.services.evaluations import evaluation_after_job
@@ -118,7 +119,8 @@ def job_retrain(*, version, requested_by=None):
         raise JobError(f"version {version.name} was trained on {version.base_model}, not {settings.BASE_MODEL_NAME}")
     return job_start(
         dataset=version.job.dataset,
-        hyperparameters=version.hyperparameters,
+        # A recipe from before name_product existed trained on the descriptions as written.
+        hyperparameters={"name_product": False, **version.hyperparameters},
         requested_by=requested_by,
         snapshot=version.snapshot,
     )
@@ -233,6 +235,16 @@ class _Progress:
         FineTuningJob.objects.filter(pk=self.job_id).update(validation_history=self.validation)
 
 
+def training_description(attributes, description, hp):
+    """The text a job trains on for one example: the description as written, or, with
+    ``hp.name_product``, opened with the product's name when the text does not name it.
+    Validation keeps the descriptions as written, so its loss scores the shop's own text."""
+    name = attributes.get("name")
+    if hp.name_product and name and not mentions(description, name):
+        return f"{name.rstrip('. ')}. {description}"
+    return description
+
+
 def _train_version(job, progress):
     from finetuning.training import train
 
@@ -252,7 +264,10 @@ def _train_version(job, progress):
     with store.artifact_writer(relpath) as output_dir:
         result = train(
             base_dir=base_dir,
-            train_pairs=[training_pair(r["attributes"], r["description"]) for r in train_rows],
+            train_pairs=[
+                training_pair(r["attributes"], training_description(r["attributes"], r["description"], hp))
+                for r in train_rows
+            ],
             validation_pairs=[training_pair(r["attributes"], r["description"]) for r in validation_rows],
             hp=hp,
             output_dir=output_dir,

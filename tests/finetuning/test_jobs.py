@@ -5,7 +5,8 @@ import pytest
 from finetuning import store
 from finetuning.hyperparameters import HyperparameterError, hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
-from finetuning.services.jobs import JobError, job_execute, job_start
+from finetuning.services.examples import example_create
+from finetuning.services.jobs import JobError, job_execute, job_start, training_description
 from finetuning.services.snapshots import split_examples
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
@@ -16,6 +17,54 @@ def test_hyperparameters_have_defaults_and_name_each_bad_field():
     with pytest.raises(HyperparameterError) as info:
         hyperparameters_parse({"epochs": 0, "learning_rate": "fast", "method": "magic", "colour": 1, "batch_size": 2.5})
     assert set(info.value.errors) == {"epochs", "learning_rate", "method", "colour", "batch_size"}
+
+
+def test_name_product_is_on_by_default_and_takes_a_yes_or_no():
+    assert hyperparameters_parse({}).name_product is True
+    assert hyperparameters_parse({"name_product": "off"}).name_product is False
+    assert hyperparameters_parse({"name_product": False}).name_product is False
+    with pytest.raises(HyperparameterError) as info:
+        hyperparameters_parse({"name_product": "maybe"})
+    assert info.value.errors == {"name_product": "must be true or false"}
+
+
+def test_training_descriptions_name_the_product_unless_switched_off():
+    on, off = hyperparameters_parse({}), hyperparameters_parse({"name_product": False})
+    shorts = {"name": "Adicross Hybrid Shorts", "brand": "adidas"}
+    unnamed = "Stay focused as the temperature heats up."
+    assert training_description(shorts, unnamed, on) == f"Adicross Hybrid Shorts. {unnamed}"
+    assert training_description(shorts, unnamed, off) == unnamed
+    # A text that names the product already, in any case and number, is kept as written.
+    named = "These adicross hybrid short are light."
+    assert training_description(shorts, named, on) == named
+    assert training_description({"brand": "adidas"}, unnamed, on) == unnamed
+
+
+def test_a_job_trains_on_named_descriptions_and_validates_on_the_written_ones(
+    base_version, dataset_factory, monkeypatch
+):
+    from finetuning import training
+
+    dataset = dataset_factory(examples=0)
+    for i in range(12):
+        example_create(
+            dataset=dataset,
+            attributes={"name": f"Widget {i}", "color": "Red"},
+            description=f"A handy tool, number {i} of a set.",
+            split="validation" if i < 2 else "train",
+        )
+    seen = {}
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    real = training.train
+    monkeypatch.setattr(training, "train", spy)
+    assert job_execute(job_id=job_start(dataset=dataset, hyperparameters=FAST).pk) is not None
+    completions = [completion for _, completion in seen["train_pairs"]]
+    assert len(completions) == 10 and all(c.startswith("Widget ") for c in completions)
+    assert all(completion.startswith("A handy tool") for _, completion in seen["validation_pairs"])
 
 
 def test_bad_hyperparameters_are_refused_before_anything_is_queued(base_version, dataset_factory):
@@ -176,6 +225,10 @@ def test_retraining_a_version_repeats_its_snapshot_and_hyperparameters(base_vers
     assert again.snapshot == first.snapshot and again.hyperparameters == first.hyperparameters
     second = job_execute(job_id=again.pk)
     assert abs(second.metrics["final_train_loss"] - first.metrics["final_train_loss"]) < 1e-4
+    # A version from before name_product existed trained on the descriptions as written.
+    first.hyperparameters = {k: v for k, v in first.hyperparameters.items() if k != "name_product"}
+    first.save(update_fields=["hyperparameters"])
+    assert job_retrain(version=first).hyperparameters["name_product"] is False
 
 
 def test_progress_loss_history_eta_and_environment_are_recorded(base_version, dataset_factory, settings):
