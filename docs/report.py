@@ -236,8 +236,11 @@ def render(dataset, job, version, evaluation, results, elapsed):
     import transformers
     from django.conf import settings
 
+    from finetuning.metrics import metric_format
+
     hp = job.hyperparameters
     metrics = job.metrics
+    base, tuned = results["base"]["metrics"], results["fine-tuned"]["metrics"]
     targets, all_met = targets_table(results)
     data = data_numbers(job)
     decoding = results["fine-tuned"]["decoding"]
@@ -261,6 +264,10 @@ def render(dataset, job, version, evaluation, results, elapsed):
         "repetition_penalty": f"{decoding['repetition_penalty']:g}",
         "version": version.name,
         "metrics_table": metrics_table(results),
+        **{f"tuned_{key}": metric_format(key, tuned[key]) for key in ("rouge_l", "chrf", "length_ratio", "perplexity")},
+        "tuned_coverage": metric_format("attribute_coverage", tuned["attribute_coverage"]),
+        "tuned_repeated": metric_format("repeated_4gram_share", tuned["repeated_4gram_share"]),
+        "base_coverage": metric_format("attribute_coverage", base["attribute_coverage"]),
         "coverage_table": coverage_table(results),
         "targets_table": targets,
         "targets_verdict": "All targets are met." if all_met else "**Not every target is met**: see the table.",

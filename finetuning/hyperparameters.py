@@ -33,7 +33,7 @@ class Hyperparameters:
     # Open each training description that does not name the product with its name ("Name. text").
     # Shop copy often leaves the name to the page's heading, and a model that learns the copy leaves it
     # out as well: on the adidas data it named 18 of 40 products, and 40 of 40 with this on, at -1
-    # ROUGE-L and +1.5 chrF (docs/REPORT.md, section 5). Off: learn the descriptions exactly as written.
+    # ROUGE-L and +1 chrF (docs/REPORT.md, section 5). Off: learn the descriptions exactly as written.
     name_product: bool = True
 
     def as_dict(self):
