@@ -106,6 +106,7 @@ def test_start_fine_tuning_from_the_dataset_page_queues_a_job(
     assert response.status_code == 302
     assert response.url == reverse("admin:finetuning_finetuningjob_change", args=[job.pk])
     assert job.status == "queued" and job.hyperparameters["lora_r"] == 8 and len(callbacks) == 1
+    assert job.hyperparameters["name_product"] is True  # the box starts ticked
 
     refused = curator.post(url, {**form, "learning_rate": 3})
     assert refused.status_code == 200
