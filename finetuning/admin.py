@@ -25,7 +25,14 @@ from finetuning.selectors import activations_recent, active_version_get, dataset
 from finetuning.services.evaluations import EvaluationError, evaluation_start
 from finetuning.services.examples import ExampleError, example_save
 from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
-from finetuning.services.versions import VersionError, rollback_target, version_activate, version_rollback
+from finetuning.services.versions import (
+    VersionError,
+    rollback_target,
+    version_activate,
+    version_approval_withdraw,
+    version_approve,
+    version_rollback,
+)
 
 
 class JsonFieldsMixin:
@@ -343,7 +350,8 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
 class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
     metrics_hidden = ("loss_history", "validation_history")  # drawn as a chart
     list_display = (
-        "name", "kind", "is_active", "base_model", "validation_loss", "rouge_l", "created_at", "activated_at"
+        "name", "kind", "is_active", "released", "base_model", "validation_loss", "rouge_l", "created_at",
+        "activated_at",
     )  # fmt: skip
     list_filter = ("kind", "is_active")
     search_fields = ("name",)
@@ -355,6 +363,9 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
         "kind",
         "is_active",
         "activated_at",
+        "released",
+        "approved_at",
+        "approved_by",
         "base_model",
         "artifact_path",
         "sha256",
@@ -373,6 +384,10 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
 
     def has_activate_permission(self, request):
         return request.user.has_perm("finetuning.activate_modelversion")
+
+    @admin.display(description="released to clients", boolean=True)
+    def released(self, obj):
+        return obj.is_released
 
     @admin.display(description="data snapshot")
     def snapshot_display(self, obj):
@@ -456,9 +471,36 @@ class ModelVersionAdmin(JsonFieldsMixin, admin.ModelAdmin):
                 self.admin_site.admin_view(self.retrain_view),
                 name="finetuning_modelversion_retrain",
             ),
+            path(
+                "<int:pk>/approval/",
+                self.admin_site.admin_view(self.approval_view),
+                name="finetuning_modelversion_approval",
+            ),
             path("rollback/", self.admin_site.admin_view(self.rollback_view), name="finetuning_modelversion_rollback"),
             *super().get_urls(),
         ]
+
+    def approval_view(self, request, pk):
+        """Approve a version for clients (any API key may then ask for it by name), or withdraw that."""
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_change", pk)
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        if request.POST.get("approve") == "yes":
+            version_approve(version=version, user=request.user)
+            self.message_user(
+                request, f"{version.name} is approved: every API key may generate with it by name.", messages.SUCCESS
+            )
+        else:
+            version_approval_withdraw(version=version)
+            note = " It stays served to everyone while it is active." if version.is_active else ""
+            self.message_user(
+                request,
+                f"{version.name} is no longer approved: only keys with the models:unreleased scope may use it.{note}",
+                messages.SUCCESS,
+            )
+        return redirect("admin:finetuning_modelversion_change", pk)
 
     def retrain_view(self, request, pk):
         if request.method != "POST":

@@ -150,6 +150,12 @@ class ModelVersion(models.Model):
     )
     is_active = models.BooleanField(default=False, editable=False)
     activated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Released to clients: the active version, and any version approved (activating approves).
+    # Others are served only to API keys with the models:unreleased scope.
+    approved_at = models.DateTimeField(null=True, blank=True, editable=False)
+    approved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -163,6 +169,10 @@ class ModelVersion(models.Model):
 
     def __str__(self):
         return self.name
+
+    @property
+    def is_released(self):
+        return self.is_active or self.approved_at is not None
 
 
 class Activation(models.Model):

@@ -10,15 +10,20 @@ def active_version_get():
 def version_get(*, reference):
     """A version by name, or by id when ``reference`` is all digits; None if absent."""
     reference = str(reference).strip()
-    if reference.isdigit():
+    # isdecimal() alone is true for digits int() refuses ("²"); ASCII digits only.
+    if reference.isascii() and reference.isdigit():
         found = ModelVersion.objects.filter(pk=int(reference)).first()
         if found:
             return found
     return ModelVersion.objects.filter(name=reference).first()
 
 
-def version_list():
-    return ModelVersion.objects.order_by("-is_active", "-created_at")
+def version_list(*, released_only=False):
+    """Every version, the active one first; ``released_only``: the active and approved ones."""
+    versions = ModelVersion.objects.order_by("-is_active", "-created_at")
+    if released_only:
+        versions = versions.filter(Q(is_active=True) | Q(approved_at__isnull=False))
+    return versions
 
 
 def datasets_with_counts():

@@ -78,10 +78,29 @@ def version_activate(
     if previous is not None and previous.pk == version.pk:
         raise VersionError(f"{version.name} is already the active version")
     ModelVersion.objects.filter(is_active=True).exclude(pk=version.pk).update(is_active=False)
-    ModelVersion.objects.filter(pk=version.pk).update(is_active=True, activated_at=timezone.now())
+    now = timezone.now()
+    ModelVersion.objects.filter(pk=version.pk).update(is_active=True, activated_at=now)
+    # Clients may keep asking for a version by name after another replaces it: activating releases it.
+    ModelVersion.objects.filter(pk=version.pk, approved_at__isnull=True).update(approved_at=now, approved_by=user)
     Activation.objects.create(
         version=version, previous=previous, kind=kind, reason=reason.strip(), user=user, evaluation=evaluation
     )
+    version.refresh_from_db()
+    return version
+
+
+def version_approve(*, version, user=None):
+    """Release ``version`` to every client that may generate, by name, without activating it."""
+    if version.approved_at is None:
+        ModelVersion.objects.filter(pk=version.pk).update(approved_at=timezone.now(), approved_by=user)
+        version.refresh_from_db()
+    return version
+
+
+def version_approval_withdraw(*, version):
+    """Serve ``version`` by name only to keys with the models:unreleased scope again (the
+    active version stays served to everyone while it is active)."""
+    ModelVersion.objects.filter(pk=version.pk).update(approved_at=None, approved_by=None)
     version.refresh_from_db()
     return version
 
