@@ -32,6 +32,7 @@ prepare: install
 	$(BIN)/python manage.py prepare_base_model
 	$(BIN)/python manage.py load_examples
 	$(BIN)/python manage.py ensure_admin
+	$(BIN)/python manage.py apikey create --name development --owner "$${GENAPI_ADMIN_USER:-admin}" --scopes all --if-missing
 
 # Web, a training worker and a scheduler worker (the periodic stale-job check)
 # together; Ctrl-C stops all three. The trap clears itself first: `kill 0` also

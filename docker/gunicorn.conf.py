@@ -38,6 +38,6 @@ accesslog = "-"
 def post_worker_init(worker):
     """Load the active version before the worker takes requests: the first client does not
     wait for the weights, and a bad artifact shows in the log at start."""
-    from inference.services import active_version_warm
+    from inference.services.generation import active_version_warm
 
     active_version_warm()

@@ -1,54 +1,49 @@
-"""Fine-tuning jobs over HTTP: start, watch, cancel. HTTP only; the work is in services."""
+"""Fine-tuning jobs over HTTP: start, watch, cancel. HTTP only; the work is in services.
+
+Training costs hours of a GPU: an API key needs the jobs:read / jobs:write scope
+and its owner the job permissions the admin checks (view, add, change); a
+person's HTTP Basic credentials or admin session need those permissions."""
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
-from rest_framework import permissions, status
-from rest_framework.authentication import BasicAuthentication, SessionAuthentication
+from drf_spectacular.utils import OpenApiExample, extend_schema
+from rest_framework import exceptions, status
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from finetuning.hyperparameters import HyperparameterError
 from finetuning.models import Dataset, FineTuningJob
 from finetuning.selectors import version_get
 from finetuning.serializers import JobSerializer, JobStartSerializer
-from finetuning.services.jobs import JobConflict, JobError, job_cancel, job_retrain, job_start
-from inference.serializers import ErrorSerializer
+from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
+from inference.auth import ApiKeyAuthentication, ThrottledBasicAuthentication
+from inference.clients import ClientAPIView
+from inference.models import ApiKey
+from inference.schema import error_responses, retry_after_headers
+
+_ERRORS = {401: "No credentials: an API key (Bearer), HTTP Basic or an admin session."}
 
 
-class JobPermission(permissions.BasePermission):
-    """Training costs hours of a GPU: only users with the job permissions
-    (the same ones the admin checks) may start, watch or cancel jobs."""
+class JobAPIView(ClientAPIView):
+    authentication_classes = [ApiKeyAuthentication, ThrottledBasicAuthentication, SessionAuthentication]
+    write_permission = "finetuning.add_finetuningjob"
 
-    perms = {"GET": "finetuning.view_finetuningjob", "POST": "finetuning.add_finetuningjob"}
+    def scope_for(self, request):
+        return ApiKey.Scope.JOBS_READ if request.method in ("GET", "HEAD") else ApiKey.Scope.JOBS_WRITE
 
-    def has_permission(self, request, view):
-        user = request.user
-        if not (user and user.is_authenticated):
-            return False
-        perm = getattr(view, "required_perm", None) or self.perms.get(request.method)
-        return bool(perm) and user.has_perm(perm)
-
-
-class JobAPIView(APIView):
-    # Basic first: a script without credentials is told 401 and how to authenticate.
-    authentication_classes = [BasicAuthentication, SessionAuthentication]
-    permission_classes = [JobPermission]
+    def permission_for(self, request):
+        return "finetuning.view_finetuningjob" if request.method in ("GET", "HEAD") else self.write_permission
 
     @staticmethod
     def job_get(pk):
         return get_object_or_404(FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by"), pk=pk)
 
 
-_JOB_ERRORS = {
-    400: OpenApiResponse(description="Invalid request: the body names each bad field and the reason."),
-    401: OpenApiResponse(ErrorSerializer, description="Not authenticated (HTTP Basic or an admin session)."),
-    403: OpenApiResponse(ErrorSerializer, description="The user lacks the fine-tuning job permission."),
-}
-
-
 class JobListView(JobAPIView):
     @extend_schema(
-        operation_id="jobs_list", summary="Recent fine-tuning jobs", responses={200: JobSerializer(many=True)}
+        operation_id="jobs_list",
+        summary="Recent fine-tuning jobs (the 50 newest)",
+        parameters=retry_after_headers(429),
+        responses={200: JobSerializer(many=True), **error_responses(401, 403, 429, descriptions=_ERRORS)},
     )
     def get(self, request):
         jobs = FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by")[:50]
@@ -60,10 +55,25 @@ class JobListView(JobAPIView):
         description="Freezes the dataset's examples into a snapshot and queues a job for a training worker. "
         "Returns 202 with the job; poll GET /api/jobs/{id} for progress.",
         request=JobStartSerializer,
+        parameters=retry_after_headers(429),
         responses={
             202: JobSerializer,
-            **_JOB_ERRORS,
-            409: OpenApiResponse(ErrorSerializer, description="The dataset already has a queued or running job."),
+            **error_responses(
+                400,
+                401,
+                403,
+                404,
+                409,
+                413,
+                415,
+                429,
+                descriptions={
+                    **_ERRORS,
+                    404: "No dataset (or model version to retrain) by that name.",
+                    409: "The dataset already has a queued or running job, has nothing to train on, or the base "
+                    "model is not prepared; or the version to retrain has no recipe here.",
+                },
+            ),
         },
         examples=[
             OpenApiExample(
@@ -79,37 +89,41 @@ class JobListView(JobAPIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         try:
-            if data.get("retrain"):
+            if "retrain" in data:
                 version = version_get(reference=data["retrain"])
                 if version is None:
-                    return Response({"retrain": [f"no model version named {data['retrain']!r}"]}, status=400)
+                    raise exceptions.NotFound(f"retrain: no model version named {data['retrain']!r}")
                 job = job_retrain(version=version, requested_by=request.user)
             else:
-                dataset = Dataset.objects.filter(name=data["dataset"]).first()
+                dataset = Dataset.objects.filter(name=data["dataset"].strip()).first()
                 if dataset is None:
-                    return Response({"dataset": [f"no dataset named {data['dataset']!r}"]}, status=400)
-                job = job_start(dataset=dataset, hyperparameters=data["hyperparameters"], requested_by=request.user)
+                    raise exceptions.NotFound(f"dataset: no dataset named {data['dataset']!r}")
+                job = job_start(dataset=dataset, hyperparameters=data.get("hyperparameters"), requested_by=request.user)
         except HyperparameterError as exc:
-            return Response({"hyperparameters": {key: [msg] for key, msg in exc.errors.items()}}, status=400)
-        except JobConflict as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
-        except JobError as exc:
-            return Response({"dataset" if data.get("dataset") else "retrain": [str(exc)]}, status=400)
+            raise exceptions.ValidationError({"hyperparameters": {k: [m] for k, m in exc.errors.items()}}) from exc
+        except JobError as exc:  # a JobConflict too: the state of things, not the request, is in the way
+            raise Conflict(str(exc)) from exc
         return Response(JobSerializer(self.job_get(job.pk)).data, status=status.HTTP_202_ACCEPTED)
+
+
+class Conflict(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
 
 
 class JobDetailView(JobAPIView):
     @extend_schema(
         operation_id="jobs_get",
         summary="A job's status, progress, losses and result",
-        responses={200: JobSerializer, **_JOB_ERRORS, 404: ErrorSerializer},
+        parameters=retry_after_headers(429),
+        responses={200: JobSerializer, **error_responses(401, 403, 404, 429, descriptions=_ERRORS)},
     )
     def get(self, request, pk):
         return Response(JobSerializer(self.job_get(pk)).data)
 
 
 class JobCancelView(JobAPIView):
-    required_perm = "finetuning.change_finetuningjob"
+    write_permission = "finetuning.change_finetuningjob"
 
     @extend_schema(
         operation_id="jobs_cancel",
@@ -117,16 +131,15 @@ class JobCancelView(JobAPIView):
         description="A queued job is cancelled at once; a running one stops at its next training step "
         "(poll until its status is `cancelled`). No model version is created.",
         request=None,
+        parameters=retry_after_headers(429),
         responses={
             202: JobSerializer,
-            **_JOB_ERRORS,
-            404: ErrorSerializer,
-            409: OpenApiResponse(ErrorSerializer, description="The job has already finished."),
+            **error_responses(401, 403, 404, 409, 429, descriptions={**_ERRORS, 409: "The job has already finished."}),
         },
     )
     def post(self, request, pk):
         try:
             job = job_cancel(job=self.job_get(pk))
         except JobError as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+            raise Conflict(str(exc)) from exc
         return Response(JobSerializer(self.job_get(job.pk)).data, status=status.HTTP_202_ACCEPTED)

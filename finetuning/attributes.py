@@ -5,6 +5,7 @@ Importers, the admin form and the API all pass raw attributes through
 deduplicates the same way.
 """
 
+import math
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -17,7 +18,10 @@ MAX_KEY_CHARS = 40
 _SPACE = re.compile(r"\s+")
 _LIST_SPLIT = re.compile(r"\s*[;|\n]\s*")
 _KEY = re.compile(r"^[a-z][a-z0-9_]*$")
-_PRICE = re.compile(r"^[^\d\-]*(-?[\d,]*\.?\d+)\s*[^\d]*$")
+# ASCII digits only: the API's schema states the same rule as PRICE_PATTERN (which leaves out the
+# minus sign, since a negative price is refused).
+_PRICE = re.compile(r"^[^0-9\-]*(-?[0-9,]*\.?[0-9]+)[^0-9]*$")
+PRICE_PATTERN = r"^[^0-9-]*[0-9,]*\.?[0-9]+[^0-9]*$"
 
 
 class AttributeValueError(ValueError):
@@ -49,7 +53,13 @@ def price_parse(value):
             raise ValueError(f"{value!r} is not a number") from exc
     if not number.is_finite() or number < 0:
         raise ValueError("must be a non-negative number")
-    return float(round(number, 2))
+    try:
+        return float(round(number, 2))
+    except InvalidOperation:  # more digits than rounding to cents can hold: there are no cents to round
+        value = float(number)
+    if not math.isfinite(value):
+        raise ValueError("is too large")
+    return value
 
 
 def attributes_normalize(raw):

@@ -43,7 +43,7 @@ class Hyperparameters:
 
 
 # name: (type, low, high) — inclusive bounds
-_BOUNDS = {
+BOUNDS = {
     "epochs": (int, 1, 50),
     "max_steps": (int, 0, 1_000_000),
     "learning_rate": (float, 1e-7, 1e-2),
@@ -103,7 +103,7 @@ def hyperparameters_parse(raw=None):
             else:
                 values[key] = tuple(m.strip() for m in modules)
         else:
-            kind, low, high = _BOUNDS[key]
+            kind, low, high = BOUNDS[key]
             if isinstance(value, bool):
                 errors[key] = f"must be a number between {low} and {high}"
                 continue

@@ -69,6 +69,15 @@ def free_messages(prompt):
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt.strip()}]
 
 
+def chat_messages(messages):
+    """A client's chat ([{role, content}], roles system, user, assistant) as the model sees
+    it: the shop's system message first unless the chat brings its own."""
+    messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    if not messages or messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    return messages
+
+
 def chat_render(messages, *, add_generation_prompt=True):
     text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
     if add_generation_prompt:
@@ -83,6 +92,12 @@ def product_prompt(attributes):
 
 def free_prompt(prompt):
     return chat_render(free_messages(prompt))
+
+
+def chat_prompt(messages):
+    """A client's chat -> the text the model continues; one user message renders as
+    free_prompt() renders its text."""
+    return chat_render(chat_messages(messages))
 
 
 def training_pair(attributes, description):

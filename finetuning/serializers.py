@@ -1,28 +1,76 @@
 from rest_framework import serializers
 
+from finetuning.hyperparameters import BOUNDS, LORA_TARGETS, METHODS, Hyperparameters
 from finetuning.models import FineTuningJob
+from inference.fields import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+    StrictSerializer,
+)
 
 
-class JobStartSerializer(serializers.Serializer):
-    dataset = serializers.CharField(
+def _bounded(name):
+    kind, low, high = BOUNDS[name]
+    field = StrictIntegerField if kind is int else StrictFloatField
+    message = f"must be between {low} and {high}"
+    return field(
+        min_value=low,
+        max_value=high,
+        required=False,
+        error_messages={"min_value": message, "max_value": message},
+        help_text=f"Default {getattr(Hyperparameters, name)}.",
+    )
+
+
+class HyperparametersSerializer(StrictSerializer):
+    """Overrides of the defaults, typed as JSON: the bounds are finetuning.hyperparameters', which
+    the job checks again (the admin and the command pass text)."""
+
+    method = serializers.ChoiceField(choices=METHODS, required=False, help_text="Default lora.")
+    lora_target_modules = serializers.ListField(
+        child=serializers.ChoiceField(choices=LORA_TARGETS),
+        min_length=1,
+        required=False,
+        help_text="Default: all of them.",
+    )
+    name_product = StrictBooleanField(
+        required=False, help_text="Default true: train on descriptions that name the product."
+    )
+
+    def get_fields(self):
+        return {**super().get_fields(), **{name: _bounded(name) for name in BOUNDS}}
+
+
+class JobStartSerializer(StrictSerializer):
+    schema_extra = {
+        "oneOf": [
+            {"required": ["dataset"], "not": {"required": ["retrain"]}},
+            {
+                "required": ["retrain"],
+                "not": {
+                    "anyOf": [
+                        {"required": ["dataset"]},
+                        {"required": ["hyperparameters"], "properties": {"hyperparameters": {"minProperties": 1}}},
+                    ]
+                },
+            },
+        ]
+    }
+
+    dataset = StrictCharField(
         required=False, max_length=100, help_text="Name of the dataset to train on (its current examples)."
     )
-    retrain = serializers.CharField(
+    retrain = StrictCharField(
         required=False,
         max_length=100,
         help_text="Name of a model version to retrain exactly: its data snapshot, hyperparameters and base model.",
     )
-    hyperparameters = serializers.DictField(
-        required=False,
-        default=dict,
-        help_text="Overrides of the defaults: method (lora|full), epochs, max_steps, learning_rate, batch_size, "
-        "gradient_accumulation_steps, warmup_ratio, weight_decay, max_seq_length, seed, eval_steps, lora_r, "
-        "lora_alpha, lora_dropout, lora_target_modules, name_product (true: train on descriptions that name "
-        "the product).",
-    )
+    hyperparameters = HyperparametersSerializer(required=False, help_text="With dataset: overrides of the defaults.")
 
     def validate(self, data):
-        if bool(data.get("dataset")) == bool(data.get("retrain")):
+        if ("dataset" in data) == ("retrain" in data):
             raise serializers.ValidationError({"dataset": ["give either dataset or retrain, not both or neither"]})
         if data.get("retrain") and data.get("hyperparameters"):
             raise serializers.ValidationError({"hyperparameters": ["a retrain uses the version's own hyperparameters"]})

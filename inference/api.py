@@ -1,54 +1,89 @@
-"""HTTP only: validate with a serializer, call one service, return JSON."""
+"""The native API, HTTP only: validate with a serializer, call the services, return JSON."""
 
+import datetime
+import json
 import logging
 
 from django.db import connection
 from django.http import StreamingHttpResponse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetuning.selectors import active_version_get, version_list
-from inference.engine import QueueFull
-from inference.generation import GenerationParams, GenerationTimeout, PromptTooLong
+from inference import limits
+from inference.auth import api_key
+from inference.clients import ClientAPIView
+from inference.generation import GenerationParams
 from inference.loader import ModelUnavailable, model_get
+from inference.models import ApiKey
+from inference.schema import ErrorSerializer, error_responses, retry_after_headers, sse_schema
+from inference.selectors import usage_days
 from inference.serializers import (
-    ErrorSerializer,
     GenerateRequestSerializer,
     GenerateResponseSerializer,
     ModelListSerializer,
     ReadySerializer,
+    UsageQuerySerializer,
+    UsageResponseSerializer,
 )
-from inference.services import generation_begin, run_events, run_result
+from inference.services.generation import run_stream
 
 logger = logging.getLogger(__name__)
 
 _PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "num_return_sequences")
 
+_STREAM_DESCRIPTION = (
+    "With `stream: true`: server-sent events, each `event: NAME` and `data: JSON` then a blank line (the schema "
+    "and examples describe one event: its name and its data). "
+    '`chunk`: `{"index": 0, "text": "..."}` (StreamChunk) for each piece of text as soon as it is final; the '
+    "pieces of an index add up to its whole text. Then `done`: the same body as the JSON answer (GenerateResponse: "
+    'whole text, finish reasons, usage, model version, timings), or `error`: `{"detail": "...", "status": 504}` '
+    "(StreamError) when the time limit passes. Disconnecting stops the generation."
+)
 
-class GenerateView(APIView):
+
+_CHUNK_SCHEMA = {
+    "type": "object",
+    "properties": {"index": {"type": "integer"}, "text": {"type": "string"}},
+    "required": ["index", "text"],
+}
+_STREAM_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}, "status": {"type": "integer", "description": "504: the time limit."}},
+    "required": ["detail", "status"],
+}
+
+
+def _event(name, data):
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class GenerateView(ClientAPIView):
+    scope = ApiKey.Scope.GENERATE
+
     @extend_schema(
         operation_id="generate",
         summary="Write a product description",
         request=GenerateRequestSerializer,
+        parameters=retry_after_headers(429, 503),
         responses={
-            200: GenerateResponseSerializer,
+            (200, "application/json"): OpenApiResponse(
+                GenerateResponseSerializer,
+                description="The answer; the version that wrote it is also in the X-Model-Version header.",
+            ),
             (200, "text/event-stream"): OpenApiResponse(
-                OpenApiTypes.STR,
-                description="With `stream: true`: server-sent events. `event: chunk` with "
-                '`{"index": 0, "text": "..."}` for each piece of text as it is produced; then `event: done` with '
-                "the same body as the JSON answer (whole text, finish reasons, usage, model version, timings); or "
-                '`event: error` with `{"detail": "...", "status": 504}` if the time limit passes. Disconnecting '
-                "stops the generation.",
+                sse_schema(
+                    {
+                        "chunk": _CHUNK_SCHEMA,
+                        "done": {"$ref": "#/components/schemas/GenerateResponse"},
+                        "error": _STREAM_ERROR_SCHEMA,
+                    }
+                ),
+                description=_STREAM_DESCRIPTION,
             ),
-            400: OpenApiResponse(description="Invalid request: the body names each bad field and the reason."),
-            503: OpenApiResponse(
-                ErrorSerializer,
-                description="No model version can be loaded, or the queue is full (then with a Retry-After header).",
-            ),
-            504: OpenApiResponse(ErrorSerializer, description="The answer took longer than the time limit."),
+            **error_responses(400, 401, 403, 404, 413, 415, 429, 503, 504),
         },
         examples=[
             OpenApiExample(
@@ -63,8 +98,9 @@ class GenerateView(APIView):
                         "price": 89.99,
                         "currency": "USD",
                         "features": ["grippy outsole", "breathable mesh upper"],
+                        "material": "recycled mesh",
                     },
-                    "max_new_tokens": 120,
+                    "max_new_tokens": 60,
                 },
             ),
             OpenApiExample(
@@ -75,6 +111,8 @@ class GenerateView(APIView):
             OpenApiExample(
                 "Response",
                 response_only=True,
+                status_codes=["200"],
+                media_type="application/json",
                 value={
                     "model_version": {"id": 1, "name": "base-SmolLM2-135M-Instruct"},
                     "choices": [
@@ -95,52 +133,102 @@ class GenerateView(APIView):
                     },
                 },
             ),
+            OpenApiExample(
+                "Stream: a piece of text",
+                response_only=True,
+                status_codes=["200"],
+                media_type="text/event-stream",
+                value={"event": "chunk", "data": '{"index": 0, "text": "Hit the trail"}'},
+            ),
+            OpenApiExample(
+                "Stream: the end",
+                response_only=True,
+                status_codes=["200"],
+                media_type="text/event-stream",
+                value={
+                    "event": "done",
+                    "data": '{"model_version": {"id": 1, "name": "base-SmolLM2-135M-Instruct"}, "choices": [{"index": '
+                    '0, "text": "Hit the trail in the grey Trail Running Shoe.", "finish_reason": "stop"}], "usage": '
+                    '{"prompt_tokens": 98, "completion_tokens": 12, "total_tokens": 110}, "seed": null, "timings": '
+                    '{"load_ms": 0.1, "first_token_ms": 180.2, "generate_ms": 800.0, "total_ms": 805.0, '
+                    '"tokens_per_second": 15.0}}',
+                },
+            ),
         ],
     )
     def post(self, request):
         serializer = GenerateRequestSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        version = self.version_resolve(request, data.get("model_version"), field="model_version")
         params = GenerationParams(**{key: data[key] for key in _PARAMS}, stop=tuple(data["stop"]))
-        try:
-            run = generation_begin(
-                params=params, product=data.get("product"), prompt=data.get("prompt"), version=data.get("model_version")
-            )
-        except PromptTooLong as exc:
-            field = "prompt" if "prompt" in data else "product"
-            return Response({field: [str(exc)]}, status=status.HTTP_400_BAD_REQUEST)
-        except ModelUnavailable as exc:
-            logger.error("Generation refused: %s", exc)
-            return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        except QueueFull as exc:
-            return Response(
-                {"detail": str(exc)},
-                status=status.HTTP_503_SERVICE_UNAVAILABLE,
-                headers={"Retry-After": str(exc.retry_after)},
-            )
-        headers = {"X-Model-Version": run.version.name, "X-Model-Version-Id": str(run.version.pk)}
+        [run] = self.generation_start(
+            request,
+            [{"params": params, "product": data.get("product"), "prompt": data.get("prompt"), "version": version}],
+            max_tokens=params.max_new_tokens * params.num_return_sequences,
+            field="prompt" if "prompt" in data else "product",
+        )
         if data["stream"]:
-            response = StreamingHttpResponse(run_events(run), content_type="text/event-stream", headers=headers)
+            response = StreamingHttpResponse(self._events(request, run), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: pass each event on as it comes
             return response
+        [body] = self.results(request, [run])
+        return Response(body)
+
+    def _events(self, request, run):
+        failed = True
         try:
-            body = run_result(run)
-        except GenerationTimeout as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_504_GATEWAY_TIMEOUT, headers=headers)
-        return Response(body, headers=headers)
+            for event in run_stream(run):
+                if event[0] == "chunk":
+                    yield _event("chunk", {"index": event[1], "text": event[2]})
+                elif event[0] == "done":
+                    failed = False
+                    yield _event("done", event[1])
+                else:
+                    yield _event("error", {"detail": str(event[1]), "status": 504})
+        finally:
+            self.stream_end(request, [run], error=failed)
 
 
-class ModelListView(APIView):
+class ModelListView(ClientAPIView):
+    scope = ApiKey.Scope.MODELS_READ
+
     @extend_schema(
-        operation_id="models_list", summary="Model versions, and which one is active", responses=ModelListSerializer
+        operation_id="models_list",
+        parameters=retry_after_headers(429),
+        summary="Model versions this caller may use, and which one is active",
+        description="Without the models:unreleased scope, only released versions are listed: the active one and "
+        "those approved for clients.",
+        responses={200: ModelListSerializer, **error_responses(401, 403, 429)},
     )
     def get(self, request):
-        versions = list(version_list())
+        versions = list(version_list(released_only=not self.may_use_unreleased(request)))
         active = next((v for v in versions if v.is_active), None)
         return Response(
             ModelListSerializer(
                 {"active": active and {"id": active.pk, "name": active.name}, "versions": versions}
+            ).data
+        )
+
+
+class UsageView(ClientAPIView):
+    """Any valid key may read its own usage."""
+
+    @extend_schema(
+        operation_id="usage",
+        summary="The calling key's limits and usage per day",
+        parameters=[UsageQuerySerializer, *retry_after_headers(429)],
+        responses={200: UsageResponseSerializer, **error_responses(400, 401, 429)},
+    )
+    def get(self, request):
+        key = api_key(request)
+        query = UsageQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        since = limits.today() - datetime.timedelta(days=query.validated_data["days"] - 1)
+        return Response(
+            UsageResponseSerializer(
+                {"key": key, "limits": limits.key_limits_now(key), "days": usage_days(key=key, since=since)}
             ).data
         )
 
@@ -162,8 +250,9 @@ class ReadyView(APIView):
         try:
             connection.ensure_connection()
             checks["database"] = "ok"
-        except Exception as exc:  # any driver error means "not ready", never a 500
-            checks["database"] = f"unreachable: {exc}"
+        except Exception:  # any driver error means "not ready", never a 500; its text (host, port) goes to the log
+            logger.exception("Readiness: the database is unreachable")
+            checks["database"] = "unreachable (the log says why)"
         active = None
         if checks["database"] == "ok":
             active = active_version_get()

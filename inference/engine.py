@@ -388,6 +388,10 @@ class Generation:
         """The client went away: its sequences leave the batch at the next step."""
         self.cancelled = True
 
+    def completion_tokens(self):
+        """Tokens generated so far, over every sequence (what a client is charged)."""
+        return sum(len(sequence.tokens) for sequence in self.sequences)
+
     def __iter__(self):
         remaining = len(self.sequences)
         while remaining:

@@ -1,33 +1,48 @@
 import math
+import re
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from finetuning.attributes import MAX_VALUE_CHARS, AttributeValueError, attributes_normalize
-from finetuning.selectors import version_get
+from finetuning.attributes import MAX_VALUE_CHARS, PRICE_PATTERN, AttributeValueError, attributes_normalize, price_parse
+from inference.fields import (
+    StrictBooleanField,
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+    StrictSerializer,
+)
 
-MAX_EXTRA_ATTRIBUTES = 20
+MAX_ATTRIBUTES = 30
 MIN_SAMPLING_TEMPERATURE = 0.01
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+# Attribute names as they are stored (the importer turns "Heel height" into this; the API takes it as is).
+ATTRIBUTE_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 
 
-class FiniteFloatField(serializers.FloatField):
-    """JSON parsers accept NaN and Infinity; a sampling parameter must not."""
+STOP_SCHEMA = {
+    "oneOf": [
+        {"type": "string", "maxLength": MAX_STOP_CHARS},
+        {
+            "type": "array",
+            "items": {"type": "string", "maxLength": MAX_STOP_CHARS},
+            "maxItems": MAX_STOP_SEQUENCES,
+        },
+    ],
+    "description": f"A string or up to {MAX_STOP_SEQUENCES} strings: the text ends before the first one to appear, "
+    "which is left out (as in OpenAI's API).",
+}
 
-    def to_internal_value(self, data):
-        value = super().to_internal_value(data)
-        if not math.isfinite(value):
-            self.fail("invalid")
-        return value
 
-
+@extend_schema_field(STOP_SCHEMA)
 class StopField(serializers.ListField):
     """A string or a list of up to four (as in OpenAI's API)."""
 
     def __init__(self, **kwargs):
         super().__init__(
-            child=serializers.CharField(max_length=MAX_STOP_CHARS, trim_whitespace=False),
+            child=StrictCharField(max_length=MAX_STOP_CHARS, allow_blank=True),
             max_length=MAX_STOP_SEQUENCES,
             **kwargs,
         )
@@ -36,92 +51,170 @@ class StopField(serializers.ListField):
         return super().to_internal_value([data] if isinstance(data, str) else data)
 
 
-class ProductSerializer(serializers.Serializer):
-    """Product attributes. Other keys (material, size, …) are kept and shown to the model."""
-
-    name = serializers.CharField(max_length=MAX_VALUE_CHARS)
-    category = serializers.CharField(max_length=MAX_VALUE_CHARS, required=False)
-    color = serializers.CharField(max_length=MAX_VALUE_CHARS, required=False)
-    brand = serializers.CharField(max_length=MAX_VALUE_CHARS, required=False)
-    audience = serializers.CharField(
-        max_length=MAX_VALUE_CHARS, required=False, help_text="Who it is for, e.g. Women, Kids."
-    )
-    price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0, required=False)
-    currency = serializers.CharField(max_length=10, required=False)
-    features = serializers.ListField(
-        child=serializers.CharField(max_length=MAX_VALUE_CHARS), max_length=20, required=False
-    )
-    keywords = serializers.ListField(
-        child=serializers.CharField(max_length=MAX_VALUE_CHARS), max_length=20, required=False
-    )
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": PRICE_PATTERN}],
+        "description": 'A number, or a price as text ("$1,299.00"); rounded to cents.',
+    }
+)
+class PriceField(serializers.Field):
+    default_error_messages = {"invalid": "Must be a non-negative number, or a price such as '$1,299.00'."}
 
     def to_internal_value(self, data):
-        attrs = super().to_internal_value(data)  # rejects anything but an object
-        extra = {key: value for key, value in data.items() if key not in self.fields}
-        if len(extra) > MAX_EXTRA_ATTRIBUTES:
-            raise serializers.ValidationError(f"at most {MAX_EXTRA_ATTRIBUTES} extra attributes")
+        if isinstance(data, bool) or not isinstance(data, int | float | str):
+            self.fail("invalid")
+        try:
+            return price_parse(data)
+        except ValueError:
+            self.fail("invalid")
+
+    def to_representation(self, value):
+        return value
+
+
+def _text_list(**kwargs):
+    return serializers.ListField(
+        child=StrictCharField(max_length=MAX_VALUE_CHARS), max_length=20, required=False, **kwargs
+    )
+
+
+EXTRA_VALUE = {
+    "oneOf": [
+        {"type": "string", "maxLength": MAX_VALUE_CHARS},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
+}
+
+
+class ProductSerializer(StrictSerializer):
+    """Product attributes. Other attributes (material, heel_height, …: lower-case letters,
+    digits and '_') are kept and shown to the model."""
+
+    schema_extra = {
+        "additionalProperties": EXTRA_VALUE,
+        "propertyNames": {"pattern": f"^{ATTRIBUTE_NAME.pattern}$"},
+        "maxProperties": MAX_ATTRIBUTES,
+    }
+
+    name = StrictCharField(max_length=MAX_VALUE_CHARS)
+    category = StrictCharField(max_length=MAX_VALUE_CHARS, required=False)
+    color = StrictCharField(max_length=MAX_VALUE_CHARS, required=False)
+    brand = StrictCharField(max_length=MAX_VALUE_CHARS, required=False)
+    audience = StrictCharField(max_length=MAX_VALUE_CHARS, required=False, help_text="Who it is for, e.g. Women, Kids.")
+    price = PriceField(required=False)
+    currency = StrictCharField(max_length=10, required=False)
+    features = _text_list()
+    keywords = _text_list()
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            return super().to_internal_value(data)  # DRF's "expected a dictionary"
+        extra, errors = {}, {}
+        for key, value in data.items():
+            if key in self.fields:
+                continue
+            if not ATTRIBUTE_NAME.fullmatch(key):
+                errors[key] = ["attribute names are lower-case letters, digits and '_', at most 40, from a letter"]
+            elif not (
+                value is None
+                or isinstance(value, str | bool)
+                or (isinstance(value, int | float) and math.isfinite(value))
+            ):
+                errors[key] = ["must be a text, a number, true, false or null"]
+            elif isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+                errors[key] = [f"must be at most {MAX_VALUE_CHARS} characters"]
+            else:
+                extra[key] = value
+        if len(data) > MAX_ATTRIBUTES:
+            errors["non_field_errors"] = [f"at most {MAX_ATTRIBUTES} attributes"]
+        known = {key: value for key, value in data.items() if key in self.fields}
+        try:
+            attrs = serializers.Serializer.to_internal_value(self, known)
+        except serializers.ValidationError as exc:
+            raise serializers.ValidationError({**exc.detail, **errors}) from exc
+        if errors:
+            raise serializers.ValidationError(errors)
         try:
             return attributes_normalize({**extra, **attrs})
         except AttributeValueError as exc:
             raise serializers.ValidationError({exc.key: [exc.message]}) from exc
 
 
-class GenerateRequestSerializer(serializers.Serializer):
+def _sampling_schema(*, max_sequences_field):
+    """More than one sequence needs sampling: a temperature of at least 0.01."""
+    return {
+        "if": {"required": [max_sequences_field], "properties": {max_sequences_field: {"minimum": 2}}},
+        "then": {
+            "required": ["temperature"],
+            "properties": {"temperature": {"minimum": MIN_SAMPLING_TEMPERATURE}},
+        },
+    }
+
+
+def temperature_validate(value):
+    # Dividing logits by a vanishing temperature overflows; greedy decoding is its limit.
+    return 0.0 if value < MIN_SAMPLING_TEMPERATURE else value
+
+
+class GenerateRequestSerializer(StrictSerializer):
+    hints = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "model": "model_version"}
+    schema_extra = {
+        "oneOf": [
+            {"required": ["product"], "not": {"required": ["prompt"]}},
+            {"required": ["prompt"], "not": {"required": ["product"]}},
+        ],
+        **_sampling_schema(max_sequences_field="num_return_sequences"),
+    }
+
     product = ProductSerializer(required=False, help_text="The product's attributes. Give this or `prompt`.")
-    prompt = serializers.CharField(
+    prompt = StrictCharField(
         required=False,
         max_length=settings.GENERATE_MAX_PROMPT_CHARS,
-        trim_whitespace=True,
         help_text="A free instruction instead of a product. Give this or `product`.",
     )
-    max_new_tokens = serializers.IntegerField(
+    max_new_tokens = StrictIntegerField(
         min_value=1, max_value=settings.GENERATE_MAX_NEW_TOKENS, default=settings.GENERATE_DEFAULT_MAX_NEW_TOKENS
     )
-    temperature = FiniteFloatField(
-        min_value=0.0, max_value=2.0, default=0.0, help_text="0 means greedy decoding; otherwise at least 0.01."
+    temperature = StrictFloatField(
+        min_value=0.0,
+        max_value=2.0,
+        default=0.0,
+        help_text=f"0 means greedy decoding (as does anything below {MIN_SAMPLING_TEMPERATURE}).",
     )
-    top_p = FiniteFloatField(min_value=0.01, max_value=1.0, default=1.0)
-    top_k = serializers.IntegerField(min_value=0, max_value=1000, default=0, help_text="0 turns top-k filtering off.")
-    repetition_penalty = FiniteFloatField(min_value=1.0, max_value=2.0, default=1.0)
-    seed = serializers.IntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=None)
-    num_return_sequences = serializers.IntegerField(
-        min_value=1, max_value=settings.GENERATE_MAX_RETURN_SEQUENCES, default=1
+    top_p = StrictFloatField(min_value=0.01, max_value=1.0, default=1.0)
+    top_k = StrictIntegerField(min_value=0, max_value=1000, default=0, help_text="0 turns top-k filtering off.")
+    repetition_penalty = StrictFloatField(min_value=1.0, max_value=2.0, default=1.0)
+    seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=None)
+    num_return_sequences = StrictIntegerField(
+        min_value=1,
+        max_value=settings.GENERATE_MAX_RETURN_SEQUENCES,
+        default=1,
+        help_text=f"More than one needs a temperature of at least {MIN_SAMPLING_TEMPERATURE}.",
     )
-    model_version = serializers.CharField(
-        required=False, max_length=100, help_text="Name or id of a model version; the active one when left out."
-    )
-    stop = StopField(
+    model_version = StrictCharField(
         required=False,
-        default=list,
-        help_text=f"Up to {MAX_STOP_SEQUENCES} stop sequences: the text ends before the first one, which is left out.",
+        max_length=100,
+        help_text="Name or id of a model version; the active one when left out. Versions that are neither active "
+        "nor approved need an API key with the models:unreleased scope.",
     )
-    stream = serializers.BooleanField(
+    stop = StopField(required=False, default=list)
+    stream = StrictBooleanField(
         default=False,
         help_text="Answer with server-sent events (text/event-stream): a `chunk` event per piece of text as it is "
         "produced, then a `done` event with the whole answer, usage and finish reasons.",
     )
 
     def validate_temperature(self, value):
-        # Dividing logits by a vanishing temperature overflows to inf/NaN.
-        if 0 < value < MIN_SAMPLING_TEMPERATURE:
-            raise serializers.ValidationError(
-                f"use 0 for greedy decoding, or at least {MIN_SAMPLING_TEMPERATURE} to sample"
-            )
-        return value
-
-    def validate_model_version(self, value):
-        version = version_get(reference=value)
-        if version is None:
-            raise serializers.ValidationError(f"no model version named {value!r}")
-        return version
+        return temperature_validate(value)
 
     def validate(self, attrs):
-        has_product, has_prompt = "product" in attrs, bool(attrs.get("prompt"))
-        if has_product == has_prompt:
+        if ("product" in attrs) == ("prompt" in attrs):
             raise serializers.ValidationError({"product": ["give either product or prompt (exactly one of them)"]})
         if attrs["num_return_sequences"] > 1 and attrs["temperature"] == 0:
             raise serializers.ValidationError(
-                {"num_return_sequences": ["more than one sequence needs sampling: set temperature above 0"]}
+                {"num_return_sequences": ["more than one sequence needs sampling: set temperature to 0.01 or more"]}
             )
         return attrs
 
@@ -133,7 +226,7 @@ class ModelVersionRefSerializer(serializers.Serializer):
 
 class ChoiceSerializer(serializers.Serializer):
     index = serializers.IntegerField()
-    text = serializers.CharField()
+    text = serializers.CharField(allow_blank=True)
     finish_reason = serializers.ChoiceField(
         choices=["stop", "length"], help_text="stop: the answer ended or met a stop sequence; length: max_new_tokens."
     )
@@ -167,7 +260,9 @@ class ModelVersionSerializer(serializers.Serializer):
     kind = serializers.CharField()
     base_model = serializers.CharField()
     is_active = serializers.BooleanField()
+    is_released = serializers.BooleanField(help_text="Active, or approved for clients.")
     activated_at = serializers.DateTimeField(allow_null=True)
+    approved_at = serializers.DateTimeField(allow_null=True)
     created_at = serializers.DateTimeField()
     sha256 = serializers.CharField()
     prompt_format_version = serializers.IntegerField()
@@ -180,15 +275,52 @@ class ModelListSerializer(serializers.Serializer):
     versions = ModelVersionSerializer(many=True)
 
 
-class ErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField()
-
-
-class StreamChunkSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
-    text = serializers.CharField()
-
-
 class ReadySerializer(serializers.Serializer):
     ready = serializers.BooleanField()
     checks = serializers.DictField(child=serializers.CharField())
+
+
+class UsageLimitSerializer(serializers.Serializer):
+    limit = serializers.IntegerField(allow_null=True, help_text="null: no limit.")
+    used = serializers.IntegerField(allow_null=True, help_text="null: unknown (the cache cannot be reached).")
+
+
+class UsageLimitsSerializer(serializers.Serializer):
+    requests_per_minute = UsageLimitSerializer()
+    tokens_per_minute = UsageLimitSerializer(help_text="Generated tokens in the last minute.")
+    daily_token_quota = UsageLimitSerializer(help_text="Generated tokens today (UTC).")
+
+
+class UsageDaySerializer(serializers.Serializer):
+    day = serializers.DateField()
+    requests = serializers.IntegerField()
+    errors = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+
+
+class UsageKeySerializer(serializers.Serializer):
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+    scopes = serializers.ListField(child=serializers.CharField())
+    expires_at = serializers.DateTimeField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class UsageResponseSerializer(serializers.Serializer):
+    key = UsageKeySerializer()
+    limits = UsageLimitsSerializer()
+    days = UsageDaySerializer(many=True, help_text="One row per UTC day with any request, newest first.")
+
+
+class QueryIntegerField(serializers.IntegerField):
+    """An integer in a query string: digits only (DRF's own also takes "3.0")."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str) or not re.fullmatch(r"-?[0-9]+", data):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class UsageQuerySerializer(serializers.Serializer):
+    days = QueryIntegerField(min_value=1, max_value=366, default=30, help_text="How many days back, today included.")

@@ -93,3 +93,35 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def key_factory(db, django_user_model):
+    """Make API keys through the service: ``make(scopes=..., owner=..., **limits)`` ->
+    (key, the Authorization header for the test client)."""
+    from inference.services.keys import key_create
+
+    def make(*, scopes="all", owner=None, name="test client", **limits):
+        if owner is None:
+            owner, _ = django_user_model.objects.get_or_create(username="client-owner")
+        key, raw = key_create(name=name, owner=owner, scopes=scopes, **limits)
+        return key, {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+
+    return make
+
+
+@pytest.fixture
+def auth(key_factory):
+    """A key with every scope and room for a test's requests: the header for the test client."""
+    _, header = key_factory(requests_per_minute=10_000, tokens_per_minute=1_000_000)
+    return header
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Limits count in the cache: every test starts with none spent."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()

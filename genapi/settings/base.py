@@ -213,16 +213,24 @@ PROMOTION_GUARD_METRICS = env.list(
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["inference.parsers.JSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": [],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "inference.errors.exception_handler",
 }
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "genapi",
     "DESCRIPTION": "Product descriptions written by a fine-tuned small language model.",
     "VERSION": "0.1.0",
+    # 3.1: JSON Schema proper, so the schema can state what the server checks (a string or a list,
+    # attribute-name patterns, one of product or prompt).
+    "OAS_VERSION": "3.1.0",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "inference.schema.request_bodies_required",
+    ],
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     # Swagger UI and ReDoc served from this process: no CDN needed.
@@ -230,6 +238,29 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }
+
+# --- Clients: API keys, limits, sign-in throttling ----------------------------
+# Anonymous POST /api/generate (and the model list) without an API key: on in the `dev`
+# settings only, so that `make run` answers the README's curl; everywhere else a key is needed.
+GENERATE_ALLOW_ANONYMOUS = env.bool("GENERATE_ALLOW_ANONYMOUS", default=False)
+# Defaults of every key whose own limit is left blank (a key can set its own). Limits count
+# generated (completion) tokens; 0 turns the daily quota off.
+API_KEY_REQUESTS_PER_MINUTE = env.int("API_KEY_REQUESTS_PER_MINUTE", default=60)
+API_KEY_TOKENS_PER_MINUTE = env.int("API_KEY_TOKENS_PER_MINUTE", default=10000)
+API_KEY_DAILY_TOKEN_QUOTA = env.int("API_KEY_DAILY_TOKEN_QUOTA", default=0)
+# Usage per key and day is tallied in each process and written this often (0: every request).
+USAGE_FLUSH_SECONDS = env.float("USAGE_FLUSH_SECONDS", default=2.0)
+# Failed sign-ins (HTTP Basic, the admin's login page) per client address within the window;
+# past it, sign-ins from that address are refused without checking the password.
+LOGIN_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=10)
+LOGIN_FAILURE_WINDOW_SECONDS = env.int("LOGIN_FAILURE_WINDOW_SECONDS", default=300)
+# Addresses (or networks) of the reverse proxies in front of the service: only a request that
+# comes from one of them has its X-Forwarded-For read for the client's address.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+# Limits and sign-in counts live in the cache, shared by every process that uses the same one:
+# set CACHE_URL (redis://host:6379/1) wherever more than one process serves. Local memory
+# (the default) counts per process.
+CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://genapi")}
 
 LOGGING = {
     "version": 1,

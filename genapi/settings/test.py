@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("DEBUG", "false")
 os.environ.setdefault("SECRET_KEY", "test-only-key")
+# Usage rows written as each request ends, so a test reads them at once (the batched writer has
+# its own test).
+os.environ.setdefault("USAGE_FLUSH_SECONDS", "0")
 
 from .base import *  # noqa: E402,F403
 from .base import DATABASES, VAR_DIR  # noqa: E402

@@ -1,4 +1,3 @@
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ class Run:
     load_seconds: float
 
 
-def generation_begin(*, params, product=None, prompt=None, version=None):
-    """Queue a generation for a product (normalised attributes) or a free prompt
-    with ``version`` (the active one when None, read per request: every web
-    process follows an activation at its next request, while requests in flight
-    finish on the version they started with). Raises ModelUnavailable,
+def generation_begin(*, params, product=None, prompt=None, messages=None, version=None):
+    """Queue a generation for a product (normalised attributes), a free prompt or
+    chat messages, with ``version`` (the active one when None, read per request:
+    every web process follows an activation at its next request, while requests in
+    flight finish on the version they started with). Raises ModelUnavailable,
     PromptTooLong or engine.QueueFull before anything is generated."""
     started = time.monotonic()
     if version is None:
@@ -37,7 +36,12 @@ def generation_begin(*, params, product=None, prompt=None, version=None):
             raise ModelUnavailable("no model version is active; run `python manage.py prepare_base_model`")
     loaded = model_get(version)
     load_seconds = time.monotonic() - started
-    prompt_text = prompts.product_prompt(product) if product is not None else prompts.free_prompt(prompt)
+    if product is not None:
+        prompt_text = prompts.product_prompt(product)
+    elif messages is not None:
+        prompt_text = prompts.chat_prompt(messages)
+    else:
+        prompt_text = prompts.free_prompt(prompt)
     generation, prompt_tokens = generation_submit(loaded, prompt_text, params)
     return Run(
         version=version,
@@ -87,25 +91,25 @@ def run_result(run):
     )
 
 
-def run_events(run):
-    """Server-sent events: one `chunk` per piece of text as it becomes final,
-    then `done` with the whole answer, usage and finish reasons (or `error` on
-    a timeout). Closing the iterator (the client went away) cancels the
-    generation, which leaves the batch at its next step."""
+def run_stream(run):
+    """A generation's events as they happen: ("chunk", index, text) for each piece
+    of text as it becomes final, then ("done", the whole answer as run_result
+    gives it) or ("error", GenerationTimeout). Closing the iterator (the client
+    went away) cancels the generation, which leaves the batch at its next step."""
     completions = {}
     try:
         for event in run.generation:
             if event[0] == "chunk":
-                yield _event("chunk", {"index": event[1], "text": event[2]})
+                yield event
                 continue
             completion = event[2]
             if completion.finish_reason == "timeout":
                 run.generation.cancel()
-                yield _event("error", {"detail": _timeout_message(), "status": 504})
+                yield ("error", GenerationTimeout(_timeout_message()))
                 return
             completions[event[1]] = completion
         ordered = [completions[i] for i in sorted(completions)]
-        yield _event(
+        yield (
             "done",
             _summary(
                 run,
@@ -116,10 +120,6 @@ def run_events(run):
         )
     finally:
         run.generation.cancel()  # a no-op once every sequence is done
-
-
-def _event(name, data):
-    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 def text_generate(*, params, product=None, prompt=None, version=None):

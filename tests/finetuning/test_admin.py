@@ -33,6 +33,9 @@ def test_every_admin_page_renders_for_a_curator(curator, base_version, dataset_f
         reverse("admin:finetuning_finetuningjob_change", args=[job.pk]),
         reverse("admin:finetuning_modelversion_changelist"),
         reverse("admin:finetuning_modelversion_change", args=[base_version.pk]),
+        reverse("admin:inference_apikey_changelist"),
+        reverse("admin:inference_apikey_add"),
+        reverse("admin:inference_apikeyusage_changelist"),
     ]
     for page in pages:
         response = curator.get(page)
@@ -134,6 +137,9 @@ def test_a_version_is_activated_from_the_admin_after_a_confirmation(curator, bas
         version, base_version, "admin", "reads better"
     )  # fmt: skip
 
+    version.refresh_from_db()
+    assert version.approved_at is not None and version.approved_by.username == "admin"  # activating releases it
+
     # The list action leads to the same confirmation.
     changelist = reverse("admin:finetuning_modelversion_changelist")
     response = curator.post(changelist, {"action": "activate_selected", "_selected_action": [base_version.pk]})
@@ -149,6 +155,23 @@ def test_a_version_is_activated_from_the_admin_after_a_confirmation(curator, bas
     assert Activation.objects.first().kind == "rollback"
 
 
+def test_a_version_is_approved_for_clients_and_withdrawn_from_its_page(curator, base_version, model_store):
+    from finetuning.services.versions import version_register
+
+    version = version_register(
+        name="shop-job5", kind="base", base_model=base_version.base_model, relpath=base_version.artifact_path,
+        sha256=base_version.sha256, hyperparameters={}, metrics={},
+    )  # fmt: skip
+    page = curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk])).content.decode()
+    assert "Approve for clients" in page and not version.is_released
+    url = reverse("admin:finetuning_modelversion_approval", args=[version.pk])
+    approved = curator.post(url, {"approve": "yes"}, follow=True).content.decode()
+    assert "every API key may generate with it by name" in approved and "Withdraw approval" in approved
+    assert ModelVersion.objects.get(pk=version.pk).is_released
+    curator.post(url)
+    assert not ModelVersion.objects.get(pk=version.pk).is_released
+
+
 def test_only_curators_with_the_permission_activate_or_roll_back(client, django_user_model, base_version):
     from django.contrib.auth.models import Permission
 
@@ -158,6 +181,8 @@ def test_only_curators_with_the_permission_activate_or_roll_back(client, django_
     assert client.post(reverse("admin:finetuning_modelversion_rollback")).status_code == 403
     url = reverse("admin:finetuning_modelversion_activate", args=[base_version.pk])
     assert client.post(url, {"confirm": "yes"}).status_code == 403
+    approval = reverse("admin:finetuning_modelversion_approval", args=[base_version.pk])
+    assert client.post(approval, {"approve": "yes"}).status_code == 403
 
 
 def test_the_version_page_compares_metrics_and_texts_side_by_side(curator, base_version, dataset_factory):

@@ -56,10 +56,25 @@ def test_bad_requests_name_the_field_and_queue_nothing(client, trainer, base_ver
     assert set(bad.json()["hyperparameters"]) == {"learning_rate", "method", "colour"}
     assert "between" in bad.json()["hyperparameters"]["learning_rate"][0]
     missing = post({"dataset": "nope"})
-    assert missing.status_code == 400 and "no dataset named 'nope'" in missing.json()["dataset"][0]
+    assert missing.status_code == 404 and missing.json() == {"detail": "dataset: no dataset named 'nope'"}
     assert post({}).status_code == 400
-    assert post({"retrain": "no-such-version"}).json() == {"retrain": ["no model version named 'no-such-version'"]}
+    unknown = post({"retrain": "no-such-version"})
+    assert unknown.status_code == 404 and "no model version named 'no-such-version'" in unknown.json()["detail"]
+    typed = post({"dataset": "shop", "hyperparameters": {"epochs": "3"}, "max_tokens": 5})
+    assert typed.status_code == 400
+    assert typed.json() == {
+        "hyperparameters": {"epochs": ["A valid integer is required."]},
+        "max_tokens": ["unknown field"],
+    }
     assert not FineTuningJob.objects.exists()
+
+
+def test_an_empty_dataset_is_a_conflict_not_a_bad_request(client, trainer, base_version):
+    from finetuning.models import Dataset
+
+    Dataset.objects.create(name="empty")
+    response = client.post("/api/jobs", {"dataset": "empty"}, content_type="application/json", **trainer)
+    assert response.status_code == 409 and "no examples" in response.json()["detail"]
 
 
 def test_a_second_start_on_a_busy_dataset_is_a_conflict(client, trainer, base_version, dataset_factory):
@@ -98,7 +113,9 @@ def test_jobs_need_an_authenticated_user_with_the_job_permission(
     dataset_factory()
     body = {"dataset": "shop"}
     anonymous = client.post("/api/jobs", body, content_type="application/json")
-    assert anonymous.status_code == 401 and anonymous["WWW-Authenticate"].startswith("Basic")
+    assert anonymous.status_code == 401
+    assert anonymous["WWW-Authenticate"] == 'Bearer realm="genapi", Basic realm="genapi"'
+
     django_user_model.objects.create_user("reader", password="s3cret-pass")
     reader = _basic("reader", "s3cret-pass")
     assert client.post("/api/jobs", body, content_type="application/json", **reader).status_code == 403

@@ -9,9 +9,9 @@ PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}
 
 
 @pytest.fixture
-def post(client):
+def post(client, auth):
     def send(body, **kwargs):
-        return client.post(URL, data=json.dumps(body), content_type="application/json", **kwargs)
+        return client.post(URL, data=json.dumps(body), content_type="application/json", **{**auth, **kwargs})
 
     return send
 
@@ -56,6 +56,20 @@ def test_a_named_version_answers(base_version, post):
     assert by_id.status_code == 200
 
 
+def test_an_unknown_version_is_a_404_naming_the_field(base_version, post):
+    response = post({"product": PRODUCT, "model_version": "nope"})
+    assert response.status_code == 404
+    assert response.json() == {"detail": "model_version: no model version named 'nope'"}
+    # "²" is a digit to str.isdigit(), not to int(): a name, not an id.
+    assert post({"product": PRODUCT, "model_version": "²"}).status_code == 404
+
+
+def test_a_temperature_below_the_sampling_minimum_decodes_greedily(base_version, post):
+    tiny = post({"prompt": "Describe a scarf.", "max_new_tokens": 8, "temperature": 2.5e-293}).json()
+    greedy = post({"prompt": "Describe a scarf.", "max_new_tokens": 8}).json()
+    assert tiny["seed"] is None and tiny["choices"] == greedy["choices"]
+
+
 def test_unknown_product_attributes_reach_the_model(base_version, post):
     response = post({"product": {**PRODUCT, "material": "recycled mesh"}, "max_new_tokens": 2})
     assert response.status_code == 200
@@ -71,7 +85,18 @@ def test_unknown_product_attributes_reach_the_model(base_version, post):
         ({"product": PRODUCT, "temperature": -0.1}, "temperature"),
         ({"product": PRODUCT, "temperature": 9}, "temperature"),
         ({"product": PRODUCT, "temperature": "hot"}, "temperature"),
-        ({"product": PRODUCT, "temperature": 2.5e-293}, "temperature"),
+        ({"product": PRODUCT, "temperature": "0.5"}, "temperature"),
+        ({"product": PRODUCT, "max_new_tokens": "12"}, "max_new_tokens"),
+        ({"product": PRODUCT, "stream": "yes"}, "stream"),
+        ({"product": PRODUCT, "stop": ["x"] * 5}, "stop"),
+        ({"product": PRODUCT, "max_tokens": 12}, "max_tokens"),
+        ({"product": PRODUCT, "n": 2}, "n"),
+        ({"product": {**PRODUCT, "name": 5}}, "product"),
+        ({"product": {**PRODUCT, "name": "   "}}, "product"),
+        ({"product": {**PRODUCT, "Heel height": "3 cm"}}, "product"),
+        ({"product": {**PRODUCT, **{f"extra_{i}": "x" for i in range(30)}}}, "product"),
+        ({"prompt": 42}, "prompt"),
+        ({"prompt": " \n\t"}, "prompt"),
         ({"product": PRODUCT, "top_p": 0}, "top_p"),
         ({"product": PRODUCT, "top_p": 1.5}, "top_p"),
         ({"product": PRODUCT, "top_k": -1}, "top_k"),
@@ -84,7 +109,6 @@ def test_unknown_product_attributes_reach_the_model(base_version, post):
         ({"product": PRODUCT, "num_return_sequences": 0}, "num_return_sequences"),
         ({"product": PRODUCT, "num_return_sequences": 99, "temperature": 1}, "num_return_sequences"),
         ({"product": PRODUCT, "num_return_sequences": 2}, "num_return_sequences"),
-        ({"product": PRODUCT, "model_version": "nope"}, "model_version"),
         ({"product": "shoe"}, "product"),
         ({"product": {"color": "Grey"}}, "product"),
         ({"product": {**PRODUCT, "price": "cheap"}}, "product"),
@@ -102,15 +126,23 @@ def test_each_invalid_parameter_gets_a_400_naming_it(base_version, post, body, f
     assert field in response.json(), response.json()
 
 
+def test_a_borrowed_field_name_is_named_with_the_one_meant(base_version, post):
+    response = post({"product": PRODUCT, "max_tokens": 12, "model": "x"})
+    assert response.json() == {
+        "max_tokens": ["unknown field; did you mean 'max_new_tokens'?"],
+        "model": ["unknown field; did you mean 'model_version'?"],
+    }
+
+
 @pytest.mark.parametrize("raw", ['{"product": ', "[1, 2]", '"text"', '{"product": {"name": "x"}, "temperature": NaN}'])
-def test_malformed_bodies_get_a_400_json_error(base_version, client, raw):
-    response = client.post(URL, data=raw, content_type="application/json")
+def test_malformed_bodies_get_a_400_json_error(base_version, client, auth, raw):
+    response = client.post(URL, data=raw, content_type="application/json", **auth)
     assert response.status_code == 400
     assert response.json()
 
 
-def test_a_non_json_body_is_refused_with_a_4xx(base_version, client):
-    response = client.post(URL, data="name=x", content_type="application/x-www-form-urlencoded")
+def test_a_non_json_body_is_refused_with_a_4xx(base_version, client, auth):
+    response = client.post(URL, data="name=x", content_type="application/x-www-form-urlencoded", **auth)
     assert response.status_code == 415
     assert "detail" in response.json()
 
@@ -134,8 +166,8 @@ def test_a_damaged_artifact_is_a_503(base_version, post, model_store):
     assert "sha256" in response.json()["detail"]
 
 
-def test_models_lists_versions_and_the_active_one(base_version, client):
-    body = client.get("/api/models").json()
+def test_models_lists_versions_and_the_active_one(base_version, client, auth):
+    body = client.get("/api/models", **auth).json()
     assert body["active"] == {"id": base_version.pk, "name": base_version.name}
     assert [v["name"] for v in body["versions"]] == [base_version.name]
     assert body["versions"][0]["is_active"] is True

@@ -256,7 +256,7 @@ def test_an_adapter_saved_as_a_pickle_is_never_loaded(base_version, train, datas
 
 
 def test_a_starting_web_process_loads_the_active_version(base_version):
-    from inference.services import active_version_warm
+    from inference.services.generation import active_version_warm
 
     loaded = active_version_warm()
     assert loaded is not None and loaded.version_id == base_version.pk
@@ -264,7 +264,7 @@ def test_a_starting_web_process_loads_the_active_version(base_version):
 
 
 def test_a_starting_web_process_survives_an_active_version_that_cannot_load(base_version, model_store, caplog):
-    from inference.services import active_version_warm
+    from inference.services.generation import active_version_warm
 
     (model_store / base_version.artifact_path / "model.safetensors").write_bytes(b"damaged")
     assert active_version_warm() is None

@@ -17,11 +17,18 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from finetuning.services.versions import version_activate
+from finetuning.services.versions import version_activate, version_approve
 from inference import loader
 from tests.inference.waiting import eventually, slow_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the server's threads must see the test's rows
+
+
+@pytest.fixture(autouse=True)
+def _anonymous_generation(settings):
+    """These tests are about serving, not keys: requests without one, as in development."""
+    settings.GENERATE_ALLOW_ANONYMOUS = True
+
 
 URL = "/api/generate"
 PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}
@@ -200,7 +207,7 @@ def test_concurrent_seeded_requests_are_reproducible(base_version, live_server, 
 
 
 def test_activating_another_version_under_load_loses_no_request(base_version, loras, live_server):
-    new = loras[1]
+    new = version_approve(version=loras[1])  # anonymous clients may name released versions only
     body = {"product": PRODUCT, "max_new_tokens": 12}
     expected = {
         v.name: _post(live_server, {**body, "model_version": v.name})[2]["choices"] for v in (base_version, new)
