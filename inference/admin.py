@@ -24,7 +24,8 @@ class ApiKeyForm(forms.ModelForm):
         choices=ApiKey.Scope.choices,
         widget=forms.CheckboxSelectMultiple,
         initial=ApiKey.DEFAULT_SCOPES,
-        help_text="Job scopes act only within the owner's own job permissions.",
+        help_text="generate covers /api/generate and /v1/(chat/)completions. Job scopes act only within the "
+        "owner's own permissions on fine-tuning jobs (view; add and change).",
     )
 
     class Meta:

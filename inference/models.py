@@ -8,11 +8,11 @@ class ApiKey(models.Model):
     made; the database keeps its sha256 and a prefix that identifies it."""
 
     class Scope(models.TextChoices):
-        GENERATE = "generate", "generate: write text (/api/generate, /v1/completions, /v1/chat/completions)"
-        MODELS_READ = "models:read", "models:read: list the model versions it may use"
-        MODELS_UNRELEASED = "models:unreleased", "models:unreleased: also use versions neither active nor approved"
-        JOBS_READ = "jobs:read", "jobs:read: watch fine-tuning jobs (its owner needs the view permission)"
-        JOBS_WRITE = "jobs:write", "jobs:write: start and cancel jobs (its owner needs the add/change permissions)"
+        GENERATE = "generate", "generate: write text"
+        MODELS_READ = "models:read", "models:read: list the versions it may use"
+        MODELS_UNRELEASED = "models:unreleased", "models:unreleased: also versions neither active nor approved"
+        JOBS_READ = "jobs:read", "jobs:read: watch fine-tuning jobs"
+        JOBS_WRITE = "jobs:write", "jobs:write: start and cancel jobs"
 
     DEFAULT_SCOPES = [Scope.GENERATE, Scope.MODELS_READ]
 
