@@ -35,12 +35,22 @@ class ClientAPIView(APIView):
         headers = [auth.authenticate_header(request) for auth in self.get_authenticators()]
         return ", ".join(header for header in headers if header) or None
 
+    def check_permissions(self, request):
+        try:
+            super().check_permissions(request)
+        except exceptions.APIException:
+            # Authentication counted the request against the key's limit; a refused one does not count.
+            key = api_key(request)
+            if key is not None:
+                limits.uncount(getattr(key, "request_window", None))
+            raise
+
     def check_throttles(self, request):
         key = api_key(request)
         if key is None:
             return
         try:
-            request.admission = limits.request_admit(key)
+            request.admission = limits.request_admit(key, getattr(key, "request_window", None))
         except limits.LimitExceeded as exc:
             raise RateLimited(exc) from exc
 

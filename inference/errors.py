@@ -41,11 +41,6 @@ class GatewayTimeout(exceptions.APIException):
     default_code = "timeout"
 
 
-class RequestTooLarge(exceptions.APIException):
-    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
-    default_code = "request_too_large"
-
-
 def exception_handler(exc, context):
     """The native API's errors: DRF's, plus the limit a 429 hit."""
     response = drf_exception_handler(exc, context)

@@ -65,7 +65,14 @@ def _redis_client():
     from django.core.cache.backends.redis import RedisCache
 
     backend = caches["default"]  # not the `cache` proxy, which isinstance() does not see through
-    return backend._cache.get_client(write=True) if isinstance(backend, RedisCache) else None
+    if not isinstance(backend, RedisCache):
+        return None
+    # A client per backend (each thread has its own), on the backend's connection pool: making one
+    # per call cost as much as the round trip.
+    client = getattr(backend, "_genapi_client", None)
+    if client is None:
+        client = backend._genapi_client = backend._cache.get_client(write=True)
+    return client
 
 
 # Django's Redis backend stores integers as plain numbers, so these scripts and its get() agree.
@@ -95,6 +102,39 @@ def _run(client, source, keys, args):
     if source not in _scripts:
         _scripts[source] = client.register_script(source)
     return _scripts[source](keys=keys, args=args, client=client)
+
+
+_FETCH_AND_COUNT = """
+local found = redis.call('GET', KEYS[1])
+local value = redis.call('INCRBY', KEYS[2], 1)
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {found or false, value, redis.call('GET', KEYS[3]) or '0'}
+"""
+
+
+def fetch_and_count(name, ident):
+    """Read the cached value ``name`` and count a request into the requests window of
+    ``ident`` (a key's prefix), in one round trip: (the value or None, the window). The
+    lookup of a key and the count of its request are one trip to Redis, not two; the
+    caller takes the count back (uncount) if the request turns out not to be the key's."""
+    current, previous, fraction = _Window.keys("requests", ident, MINUTE)
+    client = _redis_client()
+    if client is None:
+        found = cache.get(name)
+        (value,), (before,) = _add_and_read([(current, _window_ttl(MINUTE))], 1, [previous])
+    else:
+        from django.core.cache import caches
+
+        names = [cache.make_and_validate_key(item) for item in (name, current, previous)]
+        data, value, before = _run(client, _FETCH_AND_COUNT, names, [_window_ttl(MINUTE)])
+        found = caches["default"]._cache._serializer.loads(data) if data else None
+    return found, _Window(current, int(before), int(value) - 1, fraction, MINUTE)
+
+
+def uncount(window):
+    """Take back a request counted by fetch_and_count."""
+    if window is not None:
+        _guarded(_add)([window.key], -1)
 
 
 def _add_and_read(adds, amount, reads):
@@ -211,16 +251,15 @@ class RequestAdmission:
     remaining: int
 
 
-@_guarded
-def request_admit(key):
-    """Count one request of ``key``; raises LimitExceeded past its requests per minute.
-    Returns what is left of the limit (None without one)."""
+def request_admit(key, window):
+    """Decide on a request of ``key`` already counted into ``window`` (fetch_and_count);
+    raises LimitExceeded past its requests per minute, taking the count back (a refused
+    request does not count). Returns what is left of the limit (None without one)."""
     limit = key.limit("requests_per_minute")
-    if limit is None:
+    if limit is None or window is None:
         return None
-    window = _Window.hit("requests", key.pk, 1, MINUTE)
     if window.count + 1 > limit:
-        _add([window.key], -1)  # a refused request does not count
+        uncount(window)
         retry = window.retry_after(limit)
         raise LimitExceeded(
             "requests_per_minute",
@@ -313,12 +352,15 @@ def _quota_seed(key, name):
 def key_limits_now(key):
     """What is left of each limit of ``key`` this minute and today, for GET /api/usage."""
     result = {}
-    for name, window_name in (("requests_per_minute", "requests"), ("tokens_per_minute", "tokens")):
+    for name, window_name, ident in (
+        ("requests_per_minute", "requests", key.prefix),
+        ("tokens_per_minute", "tokens", key.pk),
+    ):
         limit = key.limit(name)
         used = None
         if limit is not None:
             try:
-                used = math.ceil(_Window.read(window_name, key.pk, MINUTE).count)
+                used = math.ceil(_Window.read(window_name, ident, MINUTE).count)
             except Exception:  # noqa: BLE001
                 logger.exception("The cache failed")
         result[name] = {"limit": limit, "used": used}

@@ -1,10 +1,16 @@
 import io
 
 from django.conf import settings
-from rest_framework import parsers
-from rest_framework.exceptions import ParseError
+from rest_framework import parsers, status
+from rest_framework.exceptions import APIException, ParseError
 
-from inference.errors import RequestTooLarge
+# Nothing from inference.errors here: DRF imports this module while it builds APIView, which
+# inference.errors needs, so importing it back would be circular.
+
+
+class RequestTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "request_too_large"
 
 
 class JSONParser(parsers.JSONParser):

@@ -63,6 +63,14 @@ def test_over_the_requests_per_minute_a_429_names_the_limit_with_retry_after(cli
     assert client.get("/api/usage", **other).status_code == 200  # limits are per key
 
 
+def test_wrong_secrets_and_refused_requests_do_not_spend_a_keys_limit(client, base_version, key_factory):
+    key, header = key_factory(scopes="models:read", requests_per_minute=2)
+    forged = {"HTTP_AUTHORIZATION": header["HTTP_AUTHORIZATION"][:-4] + "AAAA"}  # the prefix is no secret
+    assert {client.get("/api/usage", **forged).status_code for _ in range(5)} == {401}
+    assert {_generate(client, header).status_code for _ in range(5)} == {403}  # no generate scope
+    assert [client.get("/api/usage", **header).status_code for _ in range(3)] == [200, 200, 429]
+
+
 def test_the_window_slides_the_limit_frees_up_as_the_minute_passes(client, base_version, key_factory, clock):
     key, header = key_factory(requests_per_minute=2)
     clock.now = 1_800_000_000 - 1_800_000_000 % 60 + 30  # halfway through a minute
