@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from django.conf import settings
 
-from tests.worker import REPO, database_url, wait_for
+from tests.worker import REPO, database_url, process_stop, wait_for
 
 
 def _free_port():
@@ -51,9 +51,4 @@ def web_process(log_path, **settings_env):
                 raise RuntimeError(f"the web process did not start: {log_path.read_text()[-2000:]}")
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process_stop(process)

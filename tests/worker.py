@@ -47,12 +47,7 @@ def celery_worker(log_path, queues="training", **settings_env):
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process_stop(process)
 
 
 def wait_for(predicate, timeout, interval=0.5):
@@ -62,3 +57,13 @@ def wait_for(predicate, timeout, interval=0.5):
             return True
         time.sleep(interval)
     return False
+
+
+def process_stop(process):
+    """Stop a process the tests started: politely, then not."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

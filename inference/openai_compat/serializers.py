@@ -26,6 +26,7 @@ from inference.serializers import (
     STOP_SCHEMA,
     ProductSerializer,
     StopField,
+    UsageSerializer,
     temperature_validate,
 )
 
@@ -413,12 +414,6 @@ def _product_message(messages):
 # --- Answers (for the schema; the views build plain dicts) ---------------------------
 
 
-class OpenAIUsageSerializer(serializers.Serializer):
-    prompt_tokens = serializers.IntegerField()
-    completion_tokens = serializers.IntegerField()
-    total_tokens = serializers.IntegerField()
-
-
 @extend_schema_field({"type": "null", "description": "Always null: no log probabilities."})
 class AlwaysNullField(serializers.Field):
     def to_representation(self, value):
@@ -439,7 +434,7 @@ class CompletionSerializer(serializers.Serializer):
     model = serializers.CharField(help_text="The version that answered (its name, also for `active`).")
     system_fingerprint = serializers.CharField(help_text="The version's sha256, shortened.")
     choices = CompletionChoiceSerializer(many=True)
-    usage = OpenAIUsageSerializer(allow_null=True)
+    usage = UsageSerializer(allow_null=True)
 
 
 class ChatMessageOutSerializer(serializers.Serializer):
@@ -462,7 +457,7 @@ class ChatCompletionSerializer(serializers.Serializer):
     model = serializers.CharField()
     system_fingerprint = serializers.CharField()
     choices = ChatChoiceSerializer(many=True)
-    usage = OpenAIUsageSerializer()
+    usage = UsageSerializer()
 
 
 class OpenAIModelSerializer(serializers.Serializer):
