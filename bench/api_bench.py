@@ -98,7 +98,9 @@ class Server:
             "GENAPI_ADMIN_PASSWORD": "api-bench-only",
         }
         if _answers("127.0.0.1", 5432):
-            subprocess.run(["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", BENCH_DB], check=True)
+            subprocess.run(
+                ["dropdb", "-h", "127.0.0.1", "-U", "postgres", "--if-exists", "--force", BENCH_DB], check=True
+            )
             subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", BENCH_DB], check=True)
             self.env["DATABASE_URL"] = f"postgres://postgres@127.0.0.1:5432/{BENCH_DB}"
             self.database = "PostgreSQL"
