@@ -43,7 +43,7 @@ def real_store(real_base, settings, tmp_path):
 
 
 @pytest.mark.django_db
-def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, client, capsys):
+def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, client, auth, capsys):
     call_command("prepare_base_model")
     assert "nothing to do" in capsys.readouterr().out
     base = ModelVersion.objects.get(is_active=True)
@@ -54,6 +54,7 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
             "/api/generate",
             data=json.dumps({"product": PRODUCT, "max_new_tokens": 48, **extra}),
             content_type="application/json",
+            **auth,
         )
         assert response.status_code == 200, response.content
         return response.json()
