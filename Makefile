@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install install-dev prepare web worker scheduler report clean
+.PHONY: run test lint install install-dev native prepare web worker scheduler report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,24 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
 	$(BIN)/pip install --quiet -r requirements/dev.txt
 	touch $@
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+# The native decode kernels (inference/native) are built here, never on a request: a minute or
+# more on 2 cores. The target is the build's own stamp (what it was built from: kernels.cpp, the
+# flags, torch, Python), in the directory the settings read (INFERENCE_NATIVE_DIR, else
+# $GENAPI_VAR_DIR/native); build_kernels does nothing when it is up to date. Without a C++
+# compiler the install goes on: fp32 then falls back to torch's products and int8 refuses to
+# load models, and the server says so at start.
+NATIVE_DIR := $(or $(INFERENCE_NATIVE_DIR),$(GENAPI_VAR_DIR:%=%/native),var/native)
+NATIVE_STAMP := $(NATIVE_DIR)/genapi_kernels.stamp
+
+$(NATIVE_STAMP): $(VENV)/.installed inference/native/kernels.cpp inference/native/__init__.py inference/native/build.py
+	@$(BIN)/python manage.py build_kernels \
+	  || echo "genapi: going on without the native decode kernels (fp32 is slower, int8 refuses); make native retries"
+
+native: $(VENV)/.installed
+	$(BIN)/python manage.py build_kernels
+
+install: $(VENV)/.installed $(NATIVE_STAMP)
+install-dev: $(VENV)/.installed-dev $(NATIVE_STAMP)
 
 prepare: install
 	$(BIN)/python manage.py migrate --noinput
@@ -62,7 +78,8 @@ report: install
 test: install-dev
 	$(BIN)/python -m pytest
 
-lint: install-dev
+# Lint needs no kernels (CI runs it before the tests).
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

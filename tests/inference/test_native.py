@@ -1,9 +1,24 @@
-"""The native decode kernels (inference/native) against torch's own arithmetic."""
+"""The native decode kernels (inference/native): against torch's own arithmetic, and built at
+install time only: serving loads a matching build or says what to run, and no lock left by a
+killed build makes anything wait forever."""
+
+import fcntl
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from inference import native
+from inference.native.build import build
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +166,176 @@ def test_rows_sharing_a_slot_attend_like_a_prompt_and_like_one_step_each(kernels
         kernels.decode_attention(qkv, cos, sin, *cache, positions, heads, kv_heads, scale, torch.full((length,), 4))
 
 
-def test_without_a_compiler_int8_is_refused_with_the_reason(monkeypatch, tiny_checkpoint):
-    from torch.utils import cpp_extension
+def _compiler_must_not_run(**kwargs):
+    raise AssertionError("the compiler ran")
+
+
+def test_serving_never_compiles_int8_refuses_and_fp32_falls_back(settings, tmp_path, monkeypatch, tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
     from inference.engine import DecoderWeights, EngineError
 
-    def no_compiler(**kwargs):
-        raise RuntimeError("Error building extension 'genapi_kernels': c++: not found")
-
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    settings.INFERENCE_NATIVE_DIR = tmp_path / "never-built"
+    monkeypatch.setattr(native, "_modules", {})
+    monkeypatch.setattr(cpp_extension, "load", _compiler_must_not_run)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
-    with pytest.raises(EngineError, match=r"INFERENCE_QUANTIZE=int8: .* need a C\+\+ compiler .*c\+\+: not found"):
+    with pytest.raises(EngineError, match=r"INFERENCE_QUANTIZE=int8: .* not built .*\(no build\): run `make native`"):
         DecoderWeights(model, quantize="int8")
     # fp32 does not need them: its batched steps go through torch's products instead.
     decoder = DecoderWeights(model, quantize="none")
     assert decoder.kernels is None
+
+
+def test_a_build_from_other_inputs_is_refused_with_what_differs(settings, tmp_path):
+    directory = tmp_path / "native"
+    shutil.copytree(settings.INFERENCE_NATIVE_DIR, directory)  # the build `make test` made
+    stamp_path = directory / native.STAMP
+    stamp = json.loads(stamp_path.read_text())
+    assert native.problem(directory) is None
+    assert native.load(directory).isa() == stamp["isa"]
+
+    edited = tmp_path / "kernels.cpp"
+    edited.write_text(native.SOURCE.read_text() + "// edited\n")
+    with pytest.raises(native.NativeUnavailable, match=r"\(built from another kernels.cpp\): run `make native`"):
+        native.load(directory, source=edited)
+
+    stamp_path.write_text(json.dumps({**stamp, "torch": "2.0.0"}))
+    expected = re.escape(f"(built for torch 2.0.0, this is torch {torch.__version__}): run `make native`")
+    assert re.search(expected, native.problem(directory))
+    with pytest.raises(native.NativeUnavailable, match=expected):
+        native.load(directory)
+
+    stamp_path.write_text(json.dumps(stamp))
+    with (directory / stamp["library"]).open("ab") as library:
+        library.write(b"\0")  # as a build cut short, or another build's library
+    with pytest.raises(native.NativeUnavailable, match=r"changed after its build"):
+        native.load(directory)
+
+
+def test_the_start_up_check_says_what_is_missing_and_what_to_run(settings, tmp_path):
+    from inference.checks import native_kernels_check
+
+    assert native_kernels_check(None) == []  # the build `make test` made
+    settings.INFERENCE_NATIVE_DIR = tmp_path
+    [warning] = native_kernels_check(None)
+    assert warning.id == "inference.W003"
+    assert "fp32 decoding falls back" in warning.msg and "run `make native`" in warning.msg
+    settings.INFERENCE_QUANTIZE = "int8"
+    [warning] = native_kernels_check(None)
+    assert warning.id == "inference.W004" and "int8 will refuse to load models" in warning.msg
+
+
+def test_the_start_up_check_is_cheap_it_imports_no_torch(settings):
+    code = (
+        "import sys; from inference import native; "
+        f"assert native.problem({str(settings.INFERENCE_NATIVE_DIR)!r}) is None; print('torch' in sys.modules)"
+    )
+    assert _python(code, timeout=30).stdout.strip() == "False"
+
+
+# A module that compiles in seconds, built the way kernels.cpp is.
+TINY = """
+#include <pybind11/pybind11.h>
+#include <string>
+std::string isa() { return "tiny"; }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("isa", &isa); }
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    source = tmp_path / "tiny.cpp"
+    source.write_text(TINY)
+    directory = tmp_path / "build"
+    directory.mkdir()
+    return source, directory
+
+
+def _python(code, *, timeout):
+    """``code`` in a fresh Python, as another process would run it; past ``timeout`` it is
+    killed and the test fails, where a regression would otherwise hang the suite."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def _build_code(source, directory):
+    return (
+        "from inference.native.build import build; "
+        f"print(build({str(directory)!r}, source={str(source)!r}, wait=300).compiled)"
+    )
+
+
+def test_a_lock_file_left_by_a_killed_build_hangs_neither_the_build_nor_the_load(tiny):
+    source, directory = tiny
+    (directory / "lock").touch()  # torch's lock file, as a build killed while compiling leaves it
+
+    built = _python(_build_code(source, directory), timeout=300)
+    assert built.stdout.strip() == "True"
+    assert "left behind by a build that was stopped" in built.stderr
+    assert not (directory / "lock").exists()
+
+    (directory / "lock").touch()
+    load = f"from inference import native; print(native.load({str(directory)!r}, source={str(source)!r}).isa())"
+    assert _python(load, timeout=60).stdout.strip() == "tiny"
+
+
+def _held(path):
+    try:
+        with path.open() as file:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
+def test_a_second_build_waits_for_the_first_and_finds_it_done(tiny, monkeypatch):
+    source, directory = tiny
+    first = subprocess.Popen(
+        [sys.executable, "-c", _build_code(source, directory)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _held(directory / native.LOCK):  # the first one is compiling
+            assert first.poll() is None and time.monotonic() < deadline, "the first build never took the lock"
+            time.sleep(0.02)
+        monkeypatch.setattr(cpp_extension, "load", _compiler_must_not_run)
+
+        second = build(directory, source=source, wait=300)
+
+        assert not second.compiled and second.isa == "tiny"
+        assert first.wait(timeout=60) == 0 and first.stdout.read().strip() == "True"
+    finally:
+        first.kill()
+        first.wait()
+    assert native.load(directory, source=source).isa() == "tiny"
+
+
+def test_a_lock_held_too_long_is_named_and_a_killed_holder_leaves_none(tiny, monkeypatch):
+    source, directory = tiny
+    hold = "import sys, time; from inference import native\n"
+    hold += "with native.build_lock(sys.argv[1], shared=False, wait=0): print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(directory)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = re.escape(f"process {holder.pid} (it holds {directory / native.LOCK}); gave up waiting after 1 s")
+        with pytest.raises(native.NativeUnavailable, match=lock):
+            build(directory, source=source, wait=1)
+        monkeypatch.setattr(native, "LOAD_WAIT_SECONDS", 1)
+        with pytest.raises(native.NativeUnavailable, match=lock):
+            native.load(directory, source=source)
+    finally:
+        holder.kill()  # as a build stopped mid-compile
+        holder.wait()
+
+    # The kernel dropped the dead process's lock: the next build goes straight on (to the compiler).
+    def compiler(**kwargs):
+        raise RuntimeError("c++: the compiler ran")
+
+    monkeypatch.setattr(cpp_extension, "load", compiler)
+    started = time.monotonic()
+    with pytest.raises(native.NativeUnavailable, match="the compiler ran"):
+        build(directory, source=source, wait=30)
+    assert time.monotonic() - started < 5
