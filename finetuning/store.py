@@ -50,6 +50,15 @@ def absolute(relpath):
     return store_root() / relpath
 
 
+def shown(path):
+    """``path`` as messages show it: relative to the model store (a public error never
+    names the server's directories)."""
+    try:
+        return str(Path(path).relative_to(store_root()))
+    except ValueError:
+        return Path(path).name
+
+
 def _file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -83,7 +92,7 @@ def manifest_write(directory):
 def manifest_read(directory):
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{directory} has no {MANIFEST}: not a complete artifact")
+        raise ArtifactError(f"{shown(directory)} has no {MANIFEST}: not a complete artifact")
     return json.loads(path.read_text())
 
 
@@ -94,11 +103,11 @@ def manifest_verify(directory):
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():
-            raise ArtifactError(f"{path} is missing")
+            raise ArtifactError(f"{shown(path)} is missing")
         if _file_sha256(path) != expected:
-            raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST}")
+            raise ArtifactError(f"{shown(path)} does not match its sha256 in {MANIFEST}")
     if _digest(manifest["files"]) != manifest["sha256"]:
-        raise ArtifactError(f"{directory / MANIFEST} is inconsistent")
+        raise ArtifactError(f"{shown(directory / MANIFEST)} is inconsistent")
     return manifest["sha256"]
 
 
@@ -109,7 +118,7 @@ def recipe_write(directory, recipe):
 def recipe_read(directory):
     path = Path(directory) / RECIPE
     if not path.is_file():
-        raise ArtifactError(f"{directory} has no {RECIPE}")
+        raise ArtifactError(f"{shown(directory)} has no {RECIPE}")
     return json.loads(path.read_text())
 
 

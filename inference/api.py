@@ -16,7 +16,7 @@ from inference import limits
 from inference.auth import api_key
 from inference.clients import ClientAPIView
 from inference.generation import GenerationParams
-from inference.loader import ModelUnavailable, model_get
+from inference.loader import model_loaded
 from inference.models import ApiKey
 from inference.schema import ErrorSerializer, error_responses, retry_after_headers, sse_schema
 from inference.selectors import usage_days
@@ -28,7 +28,7 @@ from inference.serializers import (
     UsageQuerySerializer,
     UsageResponseSerializer,
 )
-from inference.services.generation import run_stream
+from inference.services.generation import active_version_warm_start, run_stream, warm_failure
 
 logger = logging.getLogger(__name__)
 
@@ -258,11 +258,13 @@ class ReadyView(APIView):
             active = active_version_get()
             checks["model"] = "no active model version" if active is None else "ok"
         if active is not None:
-            try:
-                model_get(active)
+            # Never loads here (a probe must answer at once): a version not in memory yet is
+            # being loaded in the background, and the probe says so until it is.
+            if model_loaded(active):
                 checks["model"] = f"ok: {active.name}"
-            except ModelUnavailable as exc:
-                checks["model"] = str(exc)
+            else:
+                checks["model"] = warm_failure(active) or f"loading {active.name}"
+                active_version_warm_start()  # again after a failure: the files may have been fixed
         ready = all(value.startswith("ok") for value in checks.values()) and "model" in checks
         return Response(
             {"ready": ready, "checks": checks},

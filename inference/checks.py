@@ -1,10 +1,12 @@
-"""Start-up checks for the clients' settings: say at start what would otherwise
-show only as a limit that does not hold or a proxy that is not trusted."""
+"""Start-up checks: say at start what would otherwise show only as a limit that does not
+hold, a proxy that is not trusted, a default past its cap or kernels that were never built."""
 
 import ipaddress
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
+
+from inference import native
 
 
 @register()
@@ -15,6 +17,16 @@ def clients_settings_check(app_configs, **kwargs):
             ipaddress.ip_network(proxy.strip(), strict=False)
         except ValueError:
             problems.append(Error(f"TRUSTED_PROXIES: {proxy!r} is not an address or network", id="inference.E001"))
+    if settings.GENERATE_DEFAULT_MAX_NEW_TOKENS > settings.GENERATE_MAX_NEW_TOKENS:
+        problems.append(
+            Error(
+                f"GENERATE_DEFAULT_MAX_NEW_TOKENS ({settings.GENERATE_DEFAULT_MAX_NEW_TOKENS}) is larger than "
+                f"GENERATE_MAX_NEW_TOKENS ({settings.GENERATE_MAX_NEW_TOKENS}): a request that gives no "
+                "max_new_tokens would generate past the cap",
+                hint="Lower GENERATE_DEFAULT_MAX_NEW_TOKENS, or leave it unset (it then follows the cap)",
+                id="inference.E002",
+            )
+        )
     if settings.GENERATE_ALLOW_ANONYMOUS and not settings.DEBUG:
         problems.append(
             Warning(
@@ -37,3 +49,20 @@ def clients_cache_check(app_configs, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def native_kernels_check(app_configs, **kwargs):
+    """Say at start what a model load would otherwise find out: the kernels are built at install
+    time (serving never compiles them). A stamp check, no compiler, no torch import."""
+    reason = native.problem(settings.INFERENCE_NATIVE_DIR)
+    if reason is None:
+        return []
+    if settings.INFERENCE_QUANTIZE == "int8":
+        return [Warning(f"INFERENCE_QUANTIZE=int8 will refuse to load models: {reason}", id="inference.W004")]
+    return [
+        Warning(
+            f"batched fp32 decoding falls back to torch's products (about half as fast): {reason}",
+            id="inference.W003",
+        )
+    ]

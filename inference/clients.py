@@ -3,18 +3,23 @@ rule, the per-key limits and the usage record. Views subclass ClientAPIView
 and name their scope; generation views also go through ``generation_start``
 and ``generation_end``, which reserve and settle tokens."""
 
+import select
+import socket
+import threading
+from contextlib import contextmanager
+
 from rest_framework import exceptions
 from rest_framework.views import APIView
 
-from finetuning.selectors import active_version_get, version_get
+from finetuning.selectors import version_get
 from inference import limits
 from inference.auth import ApiKeyAuthentication, ScopePermission, api_key
 from inference.engine import QueueFull
 from inference.errors import GatewayTimeout, RateLimited, ServiceUnavailable
-from inference.generation import GenerationTimeout, PromptTooLong
+from inference.generation import GenerationTimeout, PromptTooLong, QueueTimeout
 from inference.loader import ModelUnavailable
 from inference.models import ApiKey
-from inference.services.generation import generation_begin, run_result
+from inference.services.generation import active_version_current, generation_begin, run_result
 from inference.services.usage import usage_record
 
 
@@ -87,7 +92,7 @@ class ClientAPIView(APIView):
         use it: unreleased versions (neither active nor approved) need the
         models:unreleased scope. Raises NotFound or PermissionDenied naming the rule."""
         if reference is None:
-            version = active_version_get()
+            version = active_version_current()
             if version is None:
                 raise ServiceUnavailable("no model version is active; run `python manage.py prepare_base_model`")
             return version
@@ -160,12 +165,59 @@ class ClientAPIView(APIView):
             usage_record(key_id=key.pk, requests=1, errors=int(error), **usage)
 
     def results(self, request, runs):
-        """Wait for every run: their response dicts. Raises GatewayTimeout (504)."""
+        """Wait for every run: their response dicts. Raises GatewayTimeout (504). A client
+        that hangs up meanwhile cancels them, as a stream's does: its place in the batch
+        goes to the next request."""
         try:
-            return [run_result(run) for run in runs]
+            with _cancel_on_hang_up(request, runs):
+                return [run_result(run) for run in runs]
         except GenerationTimeout as exc:
             for run in runs:
                 run.generation.cancel()
+            if isinstance(exc, QueueTimeout):
+                raise ServiceUnavailable(str(exc), retry_after=exc.retry_after) from exc
             raise GatewayTimeout(str(exc)) from exc
         finally:
             self.generation_end(request, runs)
+
+
+# How often a non-streaming request's connection is checked while its generation runs.
+HANG_UP_POLL_SECONDS = 0.2
+
+
+def client_gone(request):
+    """Whether the client closed the connection of ``request`` (under gunicorn; False where
+    the server does not give the socket). A request's body has been read by now, so the
+    socket is readable only at its end (b"") or when the client pipelines another request."""
+    sock = request.META.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # reset, or closed under us
+        return True
+
+
+@contextmanager
+def _cancel_on_hang_up(request, runs):
+    if request.META.get("gunicorn.socket") is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(HANG_UP_POLL_SECONDS):
+            if client_gone(request):
+                for run in runs:
+                    run.generation.cancel()
+                return
+
+    watcher = threading.Thread(target=watch, name="genapi-hang-up", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()

@@ -6,13 +6,25 @@ instead); the OpenAI-compatible routes answer OpenAI's shape,
 turns into its exception classes. Views raise; these handlers shape.
 """
 
-from django.http import JsonResponse
+import logging
+import sys
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
+from django.http import HttpResponse, JsonResponse
+from django.template import loader
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from inference.parsers import RequestTooLarge
+
+logger = logging.getLogger(__name__)
+
 OPENAI_PREFIX = "/v1/"
+DATABASE_UNAVAILABLE = "the database is unavailable; try again in a few seconds"
 API_PREFIXES = ("/api/", OPENAI_PREFIX)
 
 
@@ -41,8 +53,29 @@ class GatewayTimeout(exceptions.APIException):
     default_code = "timeout"
 
 
+def _database_unavailable(exc):
+    """A database error as the 503 a client sees; the driver's text (host, port) only in the log."""
+    logger.error("The database is unavailable: %s", exc, exc_info=exc)
+    return ServiceUnavailable(DATABASE_UNAVAILABLE, retry_after=settings.DATABASE_RETRY_AFTER_SECONDS)
+
+
+def _translated(exc):
+    """Django's exceptions that are the client's or the database's doing, as API errors (DRF
+    passes them on to Django, which would answer 400 "bad request" or 500)."""
+    if isinstance(exc, DatabaseError):
+        return _database_unavailable(exc)
+    if isinstance(exc, RequestDataTooBig):
+        return _too_large()
+    return exc
+
+
+def _too_large():
+    return RequestTooLarge(f"the request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes")
+
+
 def exception_handler(exc, context):
-    """The native API's errors: DRF's, plus the limit a 429 hit."""
+    """The native API's errors: DRF's, plus the limit a 429 hit and a database outage's 503."""
+    exc = _translated(exc)
     response = drf_exception_handler(exc, context)
     if response is not None and isinstance(exc, RateLimited):
         response.data = {"detail": str(exc.detail), "limit": exc.limit, "retry_after": exc.wait}
@@ -107,6 +140,7 @@ def _code(exc):
 
 
 def openai_exception_handler(exc, context):
+    exc = _translated(exc)
     response = drf_exception_handler(exc, context)
     if response is not None:
         response.data = _openai_body(exc, response.status_code)
@@ -132,12 +166,31 @@ def not_found(request, exception=None):
 
 
 def bad_request(request, exception=None):
+    if isinstance(exception, RequestDataTooBig) and request.path.startswith(API_PREFIXES):
+        return _api_error(request, 413, str(_too_large().detail), code="request_too_large")
     if request.path.startswith(API_PREFIXES):
         return _api_error(request, 400, "bad request", code="bad_request")
     return defaults.bad_request(request, exception)
 
 
+def database_unavailable_response(request, exc):
+    """503 for a database error outside DRF's views (the admin, a middleware's query)."""
+    logger.error("The database is unavailable: %s", exc, exc_info=exc)
+    if request.path.startswith(API_PREFIXES):
+        response = _api_error(
+            request, 503, DATABASE_UNAVAILABLE, openai_type="server_error", code="service_unavailable"
+        )
+    else:
+        response = HttpResponse(loader.render_to_string("503.html"), status=503)
+    response["Retry-After"] = str(settings.DATABASE_RETRY_AFTER_SECONDS)
+    return response
+
+
 def server_error(request):
+    # A database error raised in a middleware (a session saved as the response leaves) gets here.
+    exc = sys.exc_info()[1]
+    if isinstance(exc, DatabaseError):
+        return database_unavailable_response(request, exc)
     if request.path.startswith(API_PREFIXES):
         return _api_error(request, 500, "internal server error", openai_type="server_error", code="server_error")
     return defaults.server_error(request)

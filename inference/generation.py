@@ -15,6 +15,15 @@ class GenerationTimeout(Exception):
     pass
 
 
+class QueueTimeout(GenerationTimeout):
+    """The time limit passed before the generation left the queue: the server is overloaded
+    (a 503 to come back later), not slow at generating (a 504)."""
+
+    def __init__(self, message, *, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     max_new_tokens: int = 160

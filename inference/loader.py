@@ -151,7 +151,7 @@ def _adapter_read(directory, weights, name):
 
     # PEFT falls back to adapter_model.bin, a pickle, when the safetensors file is missing; never here.
     if not (directory / ADAPTER_WEIGHTS).is_file():
-        raise ModelUnavailable(f"{directory} has no {ADAPTER_WEIGHTS}")
+        raise ModelUnavailable(f"{store.shown(directory)} has no {ADAPTER_WEIGHTS}")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     try:
         return Adapter(name, load_file(directory / ADAPTER_WEIGHTS), config, weights.decoder)
@@ -198,9 +198,16 @@ def model_get(version):
         started = time.monotonic()
         try:
             weights, adapter = _load(version)
-        except (OSError, ValueError, KeyError, store.ArtifactError) as exc:
+        except store.ArtifactError as exc:  # its message names files relative to the store
             _weights_prune()
             raise ModelUnavailable(f"model version {version.name} cannot be loaded: {exc}") from exc
+        except (OSError, ValueError, KeyError) as exc:
+            # A reader's message names absolute paths: the log gets it, the client a summary.
+            logger.exception("Model version %s cannot be loaded", version.name)
+            _weights_prune()
+            raise ModelUnavailable(
+                f"model version {version.name} cannot be loaded: its files could not be read (the server log says why)"
+            ) from exc
         except BaseException:
             _weights_prune()
             raise
@@ -234,6 +241,11 @@ def cache_clear(*, wait=0.0):
 # A process that exits with an engine thread inside torch dies with "terminate called without an
 # active exception": let the engines finish what they hold first (gunicorn's graceful stop).
 atexit.register(cache_clear, wait=10.0)
+
+
+def model_loaded(version):
+    """Whether ``version`` is in memory now (never loads, never waits for a load)."""
+    return (version.pk, version.sha256) in _cache
 
 
 def loaded_version_ids():

@@ -27,9 +27,10 @@ def _up(url):
 
 
 @contextmanager
-def web_process(log_path, **settings_env):
+def web_process(log_path, *, config=False, **settings_env):
     """A gunicorn process serving the app; yields its base URL. Keyword arguments become
-    environment variables (settings), e.g. CACHE_URL."""
+    environment variables (settings), e.g. CACHE_URL. ``config``: with the deployment's
+    gunicorn settings (docker/gunicorn.conf.py: start-up warm-up, access log)."""
     port = _free_port()
     env = {
         **os.environ,
@@ -43,6 +44,8 @@ def web_process(log_path, **settings_env):
     }
     command = [sys.executable, "-m", "gunicorn", "genapi.wsgi:application", "-b", f"127.0.0.1:{port}",
                "-w", "1", "--threads", "4", "--worker-class", "gthread"]  # fmt: skip
+    if config:
+        command[3:3] = ["-c", str(REPO / "docker" / "gunicorn.conf.py")]
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -53,6 +53,24 @@ def version_register(*, name, kind, base_model, relpath, sha256, hyperparameters
     )
 
 
+def artifact_verify(version):
+    """Re-hash ``version``'s files against its manifest and the registry (and, for a LoRA
+    version, find the base weights it was trained on): a damaged or incomplete artifact is
+    refused before it is served, not at a client's request. Raises VersionError."""
+    directory = store.absolute(version.artifact_path)
+    try:
+        sha = store.manifest_verify(directory)
+        recipe = store.recipe_read(directory)
+        if recipe.get("kind") == "lora":
+            base = store.manifest_read(store.absolute(recipe["base_artifact"]))
+            if base["sha256"] != recipe["base_sha256"]:
+                raise store.ArtifactError(f"its base model {recipe['base_artifact']} is not the one it was trained on")
+    except (store.ArtifactError, OSError, ValueError, KeyError) as exc:
+        raise VersionError(f"cannot activate {version.name}: {exc}") from exc
+    if sha != version.sha256:
+        raise VersionError(f"cannot activate {version.name}: its artifact's sha256 does not match the registry")
+
+
 @transaction.atomic
 def version_activate(
     *, version, user=None, reason="", kind=Activation.Kind.MANUAL, evaluation=None, expected_active=None
@@ -61,13 +79,7 @@ def version_activate(
     replaced. Refuses an artifact that is missing or damaged, so a bad activation
     never takes the service down. ``expected_active``: refuse unless that version
     is still the active one (a decision made on a comparison with it)."""
-    directory = store.absolute(version.artifact_path)
-    try:
-        sha = store.manifest_read(directory)["sha256"]
-    except store.ArtifactError as exc:
-        raise VersionError(f"cannot activate {version.name}: {exc}") from exc
-    if sha != version.sha256:
-        raise VersionError(f"cannot activate {version.name}: its artifact's sha256 does not match the registry")
+    artifact_verify(version)
     # Lock every row that could be active so two activations run one after the other.
     previous = ModelVersion.objects.select_for_update().filter(is_active=True).first()
     if expected_active is not None and (previous is None or previous.pk != expected_active.pk):

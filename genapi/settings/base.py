@@ -53,6 +53,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Innermost: a view's database error becomes a 503 (the admin's views too).
+    "inference.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "genapi.urls"
@@ -81,6 +83,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 30, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
     )
+else:
+    # A database that is down or unreachable fails a request within seconds (a 503), instead of
+    # holding a web thread for the operating system's TCP time-out.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 3)
+# Connections kept between requests (seconds; 0: one per request, as gthread's many threads
+# would otherwise each hold one) are checked before reuse: after a database restart the first
+# request gets a new connection instead of an error.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# What a client is told to wait (Retry-After) when the database is unavailable.
+DATABASE_RETRY_AFTER_SECONDS = 5
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -156,7 +169,8 @@ if not ALLOW_HUB_DOWNLOADS:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 GENERATE_MAX_NEW_TOKENS = env.int("GENERATE_MAX_NEW_TOKENS", default=256)
-GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=160)
+# Left unset, the default follows a lower cap; set above the cap, a start-up check refuses it.
+GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=min(160, GENERATE_MAX_NEW_TOKENS))
 GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default=4)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
 # The serving engine (inference/engine.py). Sequences generated together in one batch,
@@ -192,6 +206,16 @@ JOB_PROGRESS_SECONDS = env.float("JOB_PROGRESS_SECONDS", default=2.0)
 # (about 15x what a CPU needs, so only a hung job meets it).
 JOB_TIME_LIMIT_BASE_SECONDS = env.int("JOB_TIME_LIMIT_BASE_SECONDS", default=1800)
 JOB_TIME_LIMIT_SECONDS_PER_TOKEN = env.float("JOB_TIME_LIMIT_SECONDS_PER_TOKEN", default=0.2)
+# Starting a job (or evaluation) hands its task to the broker within about this many seconds,
+# or fails: the API answers 503, the job is marked failed and its dataset stays free.
+JOB_PUBLISH_TIMEOUT_SECONDS = env.float("JOB_PUBLISH_TIMEOUT_SECONDS", default=3.0)
+# One still queued this long after its task was sent is sent again by the periodic check (and
+# every queued one when a worker starts): the broker may have lost it (Redis restarted without
+# its data). A duplicate is harmless: one claim wins. One queued longer than
+# JOB_QUEUED_TIMEOUT_SECONDS while no training worker ran anything is failed, saying so;
+# waiting in line behind a running job never fails one.
+JOB_QUEUED_RECHECK_SECONDS = env.int("JOB_QUEUED_RECHECK_SECONDS", default=300)
+JOB_QUEUED_TIMEOUT_SECONDS = env.int("JOB_QUEUED_TIMEOUT_SECONDS", default=3600)
 
 # --- Evaluation and promotion -------------------------------------------------
 # After every successful job the new version, the active one and the base model are

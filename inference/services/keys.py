@@ -10,7 +10,7 @@ import logging
 import secrets
 
 from django.core.cache import cache
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.utils import timezone
 
 from inference import limits
@@ -177,7 +177,11 @@ def _usable(key, owner_active, raw):
     if not owner_active:
         raise ApiKeyInvalid("this API key's owner is deactivated")
     if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        try:
+            ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        except DatabaseError:  # a cached key still works through a database outage; the time waits
+            logger.warning("Last use of key %s not recorded (database unreachable)", key.prefix)
+            return
         key.last_used_at = now
         _remember(key, owner_active)
 

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 
 from inference import limits
@@ -42,8 +42,11 @@ def usage_record(*, key_id, **counts):
         return
     day = limits.today()
     if settings.USAGE_FLUSH_SECONDS <= 0:
-        _write(key_id, day, counts)
-        return
+        try:
+            _write(key_id, day, counts)
+            return
+        except DatabaseError:  # the database is down: the counts wait in the tally, as below
+            logger.warning("Usage of key %s not written (database unreachable); trying again later", key_id)
     with _lock:
         _pending.setdefault((key_id, day), Counter()).update(counts)
         _flusher_start()
@@ -82,15 +85,23 @@ def _flusher_start():
         _flusher.start()
 
 
+# How often a process that writes each request's counts at once retries those the database
+# refused.
+RETRY_SECONDS = 2.0
+
+
 def _flush_loop():
+    global _flusher
     while True:
         interval = settings.USAGE_FLUSH_SECONDS
-        time.sleep(max(interval, 0.05))
+        time.sleep(interval if interval > 0 else RETRY_SECONDS)
         close_old_connections()
         usage_flush()
         connection.close()  # this thread's own connection: never left open between flushes
-        if interval <= 0:  # tallying was switched off (a test's settings): nothing more will come
-            return
+        with _lock:
+            if interval <= 0 and not _pending:  # tallying is off: only refused counts came here
+                _flusher = None  # under the lock: the next refused count starts a new thread
+                return
 
 
 atexit.register(usage_flush)

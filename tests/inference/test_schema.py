@@ -1,5 +1,5 @@
 """The OpenAPI schema tells the truth: it validates, its examples fit it, and a
-bounded schemathesis run (every check, with an API key) finds no response
+bounded schemathesis run (every check, with an API key and without) finds no response
 outside it and no request the server judges differently from it."""
 
 import json
@@ -12,6 +12,7 @@ from django.core.management import call_command
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 
+from inference import loader
 from tests.conftest import REPO
 
 # Generated requests per operation and phase: enough to find a schema that lies, in about a minute.
@@ -96,21 +97,30 @@ def test_404s_under_the_apis_are_json(client, db, path, settings):
 
 
 @pytest.mark.django_db(transaction=True)  # the server's threads must see the key
+@pytest.mark.parametrize("caller", ["with a key", "anonymous"])
 def test_a_bounded_schemathesis_run_finds_no_failure(
-    base_version, key_factory, live_server, tmp_path, django_user_model
+    base_version, key_factory, live_server, tmp_path, django_user_model, caller
 ):
-    """Every check, every phase, with a key that may do everything (its owner may run jobs);
-    the generate routes run the tiny model. A failure prints schemathesis' report, with the
-    request to replay it."""
-    owner = django_user_model.objects.create_superuser("schemathesis", password="unused-password")
-    _, header = key_factory(owner=owner, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+    """Every check, every phase, with a key that may do everything (its owner may run jobs),
+    and without credentials (every answer then a documented 401, never a 5xx); the generate
+    routes run the tiny model. A failure prints schemathesis' report, with the request to
+    replay it."""
+    loader.model_get(base_version)  # loaded, as a web process warms it at start: /api/ready is 200
+    if caller == "anonymous":
+        # Valid data is refused without a key, by design: that check is for the keyed run.
+        credentials = ["--exclude-checks", "positive_data_acceptance,positive_data_acceptance_within_the_context"]
+    else:
+        owner = django_user_model.objects.create_superuser("schemathesis", password="unused-password")
+        _, header = key_factory(owner=owner, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+        # positive_data_acceptance through tests/schemathesis_hooks.py, which allows the one 400
+        # no schema can foresee: a prompt longer than the model's context in tokens.
+        credentials = [
+            "--exclude-checks", "positive_data_acceptance", "--header", f"Authorization: {header['HTTP_AUTHORIZATION']}"
+        ]  # fmt: skip
     command = [
         sys.executable, "-m", "schemathesis.cli", "--no-color", "run", f"{live_server.url}/api/schema/",
-        # All checks; positive_data_acceptance through tests/schemathesis_hooks.py, which allows the
-        # one 400 no schema can foresee: a prompt longer than the model's context in tokens.
-        "--checks", "all", "--exclude-checks", "positive_data_acceptance",
-        "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--workers", "1",
-        "--header", f"Authorization: {header['HTTP_AUTHORIZATION']}", "--request-timeout", "60",
+        "--checks", "all", *credentials,
+        "--max-examples", str(SCHEMATHESIS_EXAMPLES), "--workers", "1", "--request-timeout", "60",
         "--generation-deterministic", "--suppress-health-check", "all",
     ]  # fmt: skip
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(REPO)}

@@ -19,6 +19,7 @@ import pytest
 
 from finetuning.services.versions import version_activate, version_approve
 from inference import loader
+from inference.engine import Sampling
 from tests.inference.waiting import eventually, slow_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the server's threads must see the test's rows
@@ -162,6 +163,28 @@ def test_a_generation_over_the_time_limit_answers_504(base_version, live_server,
     assert {name for name, _ in events[:-1]} <= {"chunk"}
     name, data = events[-1]
     assert name == "error" and data["status"] == 504 and "GENERATE_TIMEOUT_SECONDS" in data["detail"]
+
+
+def test_a_request_that_times_out_still_queued_answers_503_with_retry_after(
+    base_version, live_server, settings, monkeypatch
+):
+    """Overload, not slowness: nothing was generated for it, so the client is told to come back."""
+    settings.INFERENCE_MAX_BATCH = 1
+    engine = loader.model_get(base_version).engine
+    slow_steps(engine, monkeypatch)
+    tokenizer = loader.model_get(base_version).tokenizer
+    blocker = engine.submit(
+        prompt_ids=tokenizer("Describe a scarf.")["input_ids"],
+        sampling=Sampling(temperature=1.0, seed=1),
+        max_new_tokens=256,
+        timeout=30,
+    )
+    assert eventually(lambda: engine.load() == (1, 0))
+    settings.GENERATE_TIMEOUT_SECONDS = 0.3
+    status, headers, body = _post(live_server, {"product": PRODUCT, "max_new_tokens": 4})
+    blocker.cancel()
+    assert status == 503 and "overloaded" in body["detail"]
+    assert int(headers["Retry-After"]) >= 1
 
 
 def test_stop_sequences_over_http(base_version, live_server):
