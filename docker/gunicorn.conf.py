@@ -17,6 +17,8 @@ Environment (all optional):
 
 import os
 
+from gunicorn import glogging
+
 _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
 _batch = int(os.environ.get("INFERENCE_MAX_BATCH", "8"))
@@ -35,9 +37,49 @@ keepalive = 5
 accesslog = "-"
 
 
-def post_worker_init(worker):
-    """Load the active version before the worker takes requests: the first client does not
-    wait for the weights, and a bad artifact shows in the log at start."""
-    from inference.services.generation import active_version_warm
+def on_starting(server):
+    """Say at start what would otherwise show only when the first model loads: gunicorn runs
+    no system checks."""
+    import django
 
-    active_version_warm()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genapi.settings.production")  # as genapi/wsgi.py
+    django.setup()
+    from inference import native
+
+    problem = native.problem()
+    if problem:
+        server.log.warning("%s", problem)
+
+
+def post_worker_init(worker):
+    """Load the active version in the background as the worker starts: the first client does
+    not wait for the weights, /api/health answers meanwhile (/api/ready says "loading"), a
+    bad artifact shows in the log at start, and a worker whose database is down still
+    starts (it loads the version once the database is back)."""
+    from inference.services.generation import active_version_warm_start
+
+    active_version_warm_start()
+
+
+def _escaped(value):
+    """A client-controlled string as one printable line: quotes, backslashes, control and
+    non-ASCII characters as \\xNN (as nginx writes them), so a crafted user name, path or
+    header can neither forge log lines nor send escape sequences to a terminal."""
+    return "".join(
+        char if " " <= char <= "~" and char not in '"\\' else "".join(f"\\x{byte:02x}" for byte in char.encode())
+        for char in value
+    )
+
+
+class EscapingLogger(glogging.Logger):
+    """gunicorn's logger, with every text field of the access log escaped (gunicorn writes the
+    Basic user name, the request line, the referrer and the user agent as they came)."""
+
+    def atoms(self, resp, req, environ, request_time):
+        return {
+            name: _escaped(value) if isinstance(value, str) else value
+            for name, value in super().atoms(resp, req, environ, request_time).items()
+        }
+
+
+logger_class = EscapingLogger

@@ -52,3 +52,62 @@ def test_a_promotion_gate_on_an_unknown_metric_stops_the_service_at_start(tmp_pa
         capture_output=True, text=True,
     )  # fmt: skip
     assert fine.returncode == 0, fine.stderr
+
+
+def _compose_environment():
+    """The web service's environment as docker/compose.yml sets it with no variables given
+    (``${NAME:-default}`` takes the default), SECRET_KEY aside, which compose requires."""
+    import re
+
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker" / "compose.yml").read_text())
+    environment = compose["services"]["web"]["environment"]
+    values = {}
+    for name, value in environment.items():
+        value = str(value)
+        values[name] = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+    values["SECRET_KEY"] = "k" * 10 + "".join(chr(97 + (i * 7) % 26) for i in range(60))  # long and varied
+    return values
+
+
+def test_check_deploy_is_clean_with_the_compose_defaults(tmp_path, settings):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "GENAPI_VAR_DIR": str(tmp_path),
+        # Built by the image as by `make`: here, this checkout's build.
+        "INFERENCE_NATIVE_DIR": str(settings.INFERENCE_NATIVE_DIR),
+        "DJANGO_SETTINGS_MODULE": "genapi.settings.production",
+        **_compose_environment(),
+    }
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_the_default_length_never_exceeds_the_cap(tmp_path):
+    code = "from django.conf import settings as s; print(s.GENERATE_MAX_NEW_TOKENS, s.GENERATE_DEFAULT_MAX_NEW_TOKENS)"
+    env = {"PATH": "/usr/bin:/bin", "GENAPI_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "genapi.settings.dev"}
+    capped = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {code}"],
+        cwd=REPO,
+        env={**env, "GENERATE_MAX_NEW_TOKENS": "16"},
+        capture_output=True,
+        text=True,
+    )
+    assert capped.stdout.split() == ["16", "16"], capped.stderr
+    over = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env={**env, "GENERATE_MAX_NEW_TOKENS": "16", "GENERATE_DEFAULT_MAX_NEW_TOKENS": "100"},
+        capture_output=True,
+        text=True,
+    )
+    assert over.returncode != 0
+    assert "GENERATE_DEFAULT_MAX_NEW_TOKENS (100) is larger than GENERATE_MAX_NEW_TOKENS (16)" in over.stderr
