@@ -3,6 +3,8 @@ import json
 import pytest
 
 from finetuning.models import ModelVersion
+from inference import loader
+from tests.worker import wait_for
 
 URL = "/api/generate"
 PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}
@@ -175,6 +177,7 @@ def test_models_lists_versions_and_the_active_one(base_version, client, auth):
 
 def test_health_and_ready(base_version, client):
     assert client.get("/api/health").status_code == 200
+    loader.model_get(base_version)  # as the web process's warm-up leaves it
     ready = client.get("/api/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
 
@@ -185,8 +188,16 @@ def test_not_ready_without_an_active_version(db, client):
     assert response.json()["checks"]["model"] == "no active model version"
 
 
+@pytest.mark.django_db(transaction=True)  # the warm-up thread reads the active version
 def test_not_ready_when_the_active_model_cannot_load(base_version, client, model_store):
     (model_store / base_version.artifact_path / "model.safetensors").unlink()
     response = client.get("/api/ready")
     assert response.status_code == 503 and response.json()["ready"] is False
+
+    def reason():
+        return client.get("/api/ready").json()["checks"]["model"]
+
+    # The probe started the load; once it failed, the probe says why (no server paths).
+    assert wait_for(lambda: "cannot be loaded" in reason(), timeout=30)
+    assert "model.safetensors is missing" in reason() and str(model_store) not in reason()
     assert ModelVersion.objects.get(is_active=True) == base_version
