@@ -15,12 +15,16 @@ from finetuning.models import Dataset, FineTuningJob
 from finetuning.selectors import version_get
 from finetuning.serializers import JobSerializer, JobStartSerializer
 from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
+from finetuning.services.workers import BrokerUnavailable
 from inference.auth import ApiKeyAuthentication, ThrottledBasicAuthentication
 from inference.clients import ClientAPIView
+from inference.errors import ServiceUnavailable
 from inference.models import ApiKey
 from inference.schema import error_responses, retry_after_headers
 
 _ERRORS = {401: "No credentials: an API key (Bearer), HTTP Basic or an admin session."}
+# What a client is told to wait (Retry-After) when the task broker cannot be reached.
+BROKER_RETRY_AFTER_SECONDS = 30
 
 
 class JobAPIView(ClientAPIView):
@@ -55,7 +59,7 @@ class JobListView(JobAPIView):
         description="Freezes the dataset's examples into a snapshot and queues a job for a training worker. "
         "Returns 202 with the job; poll GET /api/jobs/{id} for progress.",
         request=JobStartSerializer,
-        parameters=retry_after_headers(429),
+        parameters=retry_after_headers(429, 503),
         responses={
             202: JobSerializer,
             **error_responses(
@@ -67,11 +71,14 @@ class JobListView(JobAPIView):
                 413,
                 415,
                 429,
+                503,
                 descriptions={
                     **_ERRORS,
                     404: "No dataset (or model version to retrain) by that name.",
                     409: "The dataset already has a queued or running job, has nothing to train on, or the base "
                     "model is not prepared; or the version to retrain has no recipe here.",
+                    503: "The task broker (or the database) cannot be reached: no job is queued, and the dataset "
+                    "is free (a job made before the broker failed is marked failed). Try again after Retry-After.",
                 },
             ),
         },
@@ -101,6 +108,8 @@ class JobListView(JobAPIView):
                 job = job_start(dataset=dataset, hyperparameters=data.get("hyperparameters"), requested_by=request.user)
         except HyperparameterError as exc:
             raise exceptions.ValidationError({"hyperparameters": {k: [m] for k, m in exc.errors.items()}}) from exc
+        except BrokerUnavailable as exc:  # before JobError: it is one too
+            raise ServiceUnavailable(str(exc), retry_after=BROKER_RETRY_AFTER_SECONDS) from exc
         except JobError as exc:  # a JobConflict too: the state of things, not the request, is in the way
             raise Conflict(str(exc)) from exc
         return Response(JobSerializer(self.job_get(job.pk)).data, status=status.HTTP_202_ACCEPTED)

@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 
 class Dataset(models.Model):
@@ -103,6 +104,9 @@ class FineTuningJob(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    # Sent again by the queued check when still queued long after this: the broker may have lost it.
+    enqueued_at = models.DateTimeField(default=timezone.now, help_text="When its task was last sent to the broker.")
+    requeue_count = models.PositiveIntegerField(default=0, help_text="Times the queued check sent its task again.")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -229,6 +233,8 @@ class Evaluation(models.Model):
     worker = models.CharField(max_length=200, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     time_limit_seconds = models.PositiveIntegerField(default=0)
+    enqueued_at = models.DateTimeField(default=timezone.now, help_text="When its task was last sent to the broker.")
+    requeue_count = models.PositiveIntegerField(default=0, help_text="Times the queued check sent its task again.")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

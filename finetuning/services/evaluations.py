@@ -19,7 +19,15 @@ from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVers
 from finetuning.scoring import Decoding, version_score, work_units
 from finetuning.services.snapshots import SnapshotError, snapshot_read
 from finetuning.services.versions import VersionError, base_version_name, version_activate
-from finetuning.services.workers import Heartbeat, stale_fail, worker_name
+from finetuning.services.workers import (
+    BrokerUnavailable,
+    Heartbeat,
+    not_queued_fail,
+    queued_recheck,
+    stale_fail,
+    task_publish,
+    worker_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +37,14 @@ Role = EvaluationScore.Role
 
 class EvaluationError(Exception):
     pass
+
+
+class EvaluationNotQueued(EvaluationError, BrokerUnavailable):
+    """The broker could not be reached to queue the evaluation: it is failed."""
+
+    def __init__(self, message, *, evaluation_id):
+        super().__init__(message)
+        self.evaluation_id = evaluation_id
 
 
 def evaluation_examples(*, version, limit=None):
@@ -60,7 +76,8 @@ def evaluation_time_limit(*, examples, versions, decoding):
 
 def evaluation_start(*, version, requested_by=None):
     """Queue an evaluation of ``version`` on its validation examples; a worker runs it
-    after commit. Raises EvaluationError before anything is queued."""
+    after commit. Raises EvaluationError before anything is queued, and
+    EvaluationNotQueued when the broker cannot be reached (the evaluation is then failed)."""
     examples = evaluation_examples(version=version)
     decoding = Decoding.from_settings()
     try:
@@ -76,9 +93,10 @@ def evaluation_start(*, version, requested_by=None):
                 time_limit_seconds=evaluation_time_limit(examples=len(examples), versions=3, decoding=decoding),
                 requested_by=requested_by,
             )
-            transaction.on_commit(functools.partial(_enqueue, evaluation.pk, evaluation.time_limit_seconds))
     except IntegrityError as exc:
         raise EvaluationError(f"{version.name} already has an evaluation queued or running") from exc
+    # After commit, and at once when the caller holds no transaction, as for jobs.
+    transaction.on_commit(functools.partial(_evaluation_publish, evaluation.pk, evaluation.time_limit_seconds))
     return evaluation
 
 
@@ -88,6 +106,8 @@ def evaluation_after_job(*, version_id):
     version = ModelVersion.objects.select_related("snapshot").get(pk=version_id)
     try:
         return evaluation_start(version=version)
+    except EvaluationNotQueued as exc:  # failed already, saying why
+        return Evaluation.objects.get(pk=exc.evaluation_id)
     except EvaluationError as exc:
         logger.warning("Version %s is not evaluated: %s", version.name, exc)
         return Evaluation.objects.create(
@@ -95,18 +115,19 @@ def evaluation_after_job(*, version_id):
         )
 
 
-def _enqueue(evaluation_id, time_limit):
+def _evaluation_publish(evaluation_id, time_limit):
     from finetuning.tasks import evaluation_run
 
     try:
-        evaluation_run.apply_async(args=[evaluation_id], soft_time_limit=time_limit, time_limit=time_limit + 300)
-    except Exception as exc:  # the broker is down: say so rather than leave it queued forever
-        logger.exception("Could not queue evaluation %s", evaluation_id)
-        Evaluation.objects.filter(pk=evaluation_id, status=Status.QUEUED).update(
-            status=Status.FAILED,
-            error=f"could not reach the task broker to queue this evaluation: {exc}",
-            finished_at=timezone.now(),
-        )
+        task_publish(evaluation_run, pk=evaluation_id, time_limit=time_limit)
+    except BrokerUnavailable as exc:
+        if not not_queued_fail(Evaluation, evaluation_id, again="Evaluate again once the broker is back."):
+            return  # the task got through after all, and a worker has the evaluation
+        raise EvaluationNotQueued(
+            f"the task broker is not reachable, so evaluation {evaluation_id} could not be queued; it is marked "
+            "failed: try again in a minute",
+            evaluation_id=evaluation_id,
+        ) from exc
 
 
 def _versions_to_score(evaluation):
@@ -213,6 +234,14 @@ def _score_all(evaluation):
 def evaluations_reap_stale():
     """Fail running evaluations whose worker stopped beating; returns their ids."""
     return [evaluation.pk for evaluation in stale_fail(Evaluation, again="Evaluate again.")]
+
+
+def evaluations_recheck_queued(*, worker_start=False):
+    """The queued check of jobs (jobs_recheck_queued), for evaluations."""
+    from finetuning.tasks import evaluation_run
+
+    resent, failed = queued_recheck(Evaluation, evaluation_run, again="Evaluate again.", worker_start=worker_start)
+    return resent, [evaluation.pk for evaluation in failed]
 
 
 # --- The promotion gate ---------------------------------------------------------

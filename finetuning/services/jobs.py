@@ -3,7 +3,8 @@ whose worker died.
 
 States: queued -> running -> succeeded | failed | cancelled. Every transition
 is a conditional update on the current state, so two workers, two clicks or a
-worker and the stale check can never both move one job.
+worker and the stale check can never both move one job, and a task delivered
+twice runs once: the queued check may send it again.
 """
 
 import functools
@@ -25,7 +26,15 @@ from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
 from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
 from finetuning.services.versions import version_register
-from finetuning.services.workers import Heartbeat, stale_fail, worker_name
+from finetuning.services.workers import (
+    BrokerUnavailable,
+    Heartbeat,
+    not_queued_fail,
+    queued_recheck,
+    stale_fail,
+    task_publish,
+    worker_name,
+)
 from finetuning.training import TrainingCancelled, planned_steps
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,10 @@ class JobError(Exception):
 
 class JobConflict(JobError):
     """The dataset already has a queued or running job."""
+
+
+class JobNotQueued(JobError, BrokerUnavailable):
+    """The broker could not be reached to queue the job: it is failed, the dataset free."""
 
 
 def _base_prepared(base_model):
@@ -63,7 +76,8 @@ def job_time_limit(*, snapshot, hp):
 def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None):
     """Validate, freeze the data and queue a fine-tuning job; a worker picks it
     up after commit. Raises HyperparameterError or JobError before anything is
-    queued. ``snapshot`` retrains on an earlier snapshot of the same dataset."""
+    queued, and JobNotQueued when the broker cannot be reached (the job is then
+    failed). ``snapshot`` retrains on an earlier snapshot of the same dataset."""
     hp = hyperparameters_parse(hyperparameters)
     base_model = settings.BASE_MODEL_NAME
     if not _base_prepared(base_model):
@@ -90,13 +104,15 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None
                 time_limit_seconds=job_time_limit(snapshot=snapshot, hp=hp),
                 requested_by=requested_by,
             )
-            # After commit, so that the worker never looks for a row that isn't there yet.
-            transaction.on_commit(functools.partial(_enqueue, job.pk, job.time_limit_seconds))
     except IntegrityError as exc:  # another start on this dataset won the race
         active = _active_job(dataset)
         if active is None:
             raise
         raise _busy(dataset, active) from exc
+    # After commit, so that the worker never looks for a row that isn't there yet: at once when
+    # the caller holds no transaction (a request, a command), so that a broker out of reach
+    # fails this call (503) instead of leaving a job queued that no worker will ever see.
+    transaction.on_commit(functools.partial(_job_publish, job.pk, job.time_limit_seconds))
     return job
 
 
@@ -126,20 +142,18 @@ def job_retrain(*, version, requested_by=None):
     )
 
 
-def _enqueue(job_id, time_limit):
+def _job_publish(job_id, time_limit):
     from finetuning.tasks import job_run
 
     try:
-        # The soft limit raises inside the task (the job ends failed, files
-        # cleaned up); the hard one kills a task that ignores it.
-        job_run.apply_async(args=[job_id], soft_time_limit=time_limit, time_limit=time_limit + 300)
-    except Exception as exc:  # the broker is down: say so rather than leave the job queued forever
-        logger.exception("Could not queue job %s", job_id)
-        FineTuningJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
-            status=Status.FAILED,
-            error=f"could not reach the task broker to queue this job: {exc}",
-            finished_at=timezone.now(),
-        )
+        task_publish(job_run, pk=job_id, time_limit=time_limit)
+    except BrokerUnavailable as exc:
+        if not not_queued_fail(FineTuningJob, job_id, again="Start the job again once the broker is back."):
+            return  # the task got through after all, and a worker has the job
+        raise JobNotQueued(
+            f"the task broker is not reachable, so job {job_id} could not be queued; it is marked failed and "
+            "the dataset is free: try again in a minute"
+        ) from exc
 
 
 def job_cancel(*, job):
@@ -167,6 +181,16 @@ def jobs_reap_stale():
     for job in reaped:
         _partial_artifacts_remove(job)
     return [job.pk for job in reaped]
+
+
+def jobs_recheck_queued(*, worker_start=False):
+    """Send again the task of every job still queued long after it was sent (the broker may
+    have lost it), and fail the ones no worker took for JOB_QUEUED_TIMEOUT_SECONDS; at worker
+    start, send every queued one again. Returns (ids sent again, ids failed)."""
+    from finetuning.tasks import job_run
+
+    resent, failed = queued_recheck(FineTuningJob, job_run, again="Start the job again.", worker_start=worker_start)
+    return resent, [job.pk for job in failed]
 
 
 def _version_name(job):

@@ -165,23 +165,6 @@ def test_a_failing_job_is_marked_failed_and_touches_nothing(base_version, datase
     assert not (model_store / "versions").exists() or not any((model_store / "versions").iterdir())
 
 
-def test_a_job_that_cannot_reach_the_broker_fails_instead_of_waiting_forever(
-    base_version, dataset_factory, monkeypatch, django_capture_on_commit_callbacks
-):
-    from kombu.exceptions import OperationalError
-
-    from finetuning import tasks
-
-    def broker_down(*args, **kwargs):
-        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
-
-    monkeypatch.setattr(tasks.job_run, "apply_async", broker_down)
-    with django_capture_on_commit_callbacks(execute=True):
-        job = job_start(dataset=dataset_factory(), hyperparameters=FAST)
-    job.refresh_from_db()
-    assert job.status == "failed" and "broker" in job.error
-
-
 def test_a_job_trains_on_its_frozen_snapshot_not_on_later_edits(base_version, dataset_factory, model_store):
     dataset = dataset_factory(examples=30)
     job = job_start(dataset=dataset, hyperparameters=FAST)
@@ -374,8 +357,8 @@ def test_time_limit_grows_with_the_work_and_reaches_celery(
         short = job_start(dataset=dataset_factory(name="a"), hyperparameters=FAST)
         long = job_start(dataset=dataset_factory(name="b"), hyperparameters={"epochs": 20})
     assert long.time_limit_seconds > short.time_limit_seconds
-    assert calls[0] == {
-        "args": [short.pk],
-        "soft_time_limit": short.time_limit_seconds,
-        "time_limit": short.time_limit_seconds + 300,
-    }
+    assert calls[0]["args"] == [short.pk]
+    assert (calls[0]["soft_time_limit"], calls[0]["time_limit"]) == (
+        short.time_limit_seconds,
+        short.time_limit_seconds + 300,
+    )

@@ -29,6 +29,7 @@ def test_activating_moves_the_single_active_flag(base_version, model_store):
     directory = store.absolute(relpath)
     directory.mkdir(parents=True)
     (directory / "weights.safetensors").write_bytes(b"x")
+    store.recipe_write(directory, {"kind": "full"})
     sha = store.manifest_write(directory)
     other = version_register(
         name="other", kind="lora", base_model="tiny", relpath=relpath, sha256=sha, hyperparameters={}, metrics={}

@@ -78,3 +78,18 @@ def test_a_worker_killed_mid_job_leaves_it_failed_after_the_stale_check(
     assert ModelVersion.objects.get(is_active=True) == base_version
     versions = store.absolute(store.VERSIONS)
     assert not versions.exists() or not any(versions.iterdir())  # its half-written adapter is gone too
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queued_job_the_broker_lost_runs_when_a_worker_starts(base_version, dataset_factory, tmp_path):
+    from genapi.celery import app
+
+    job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 2, "batch_size": 4, "max_seq_length": 128})
+    with app.connection_for_write() as connection:  # Redis restarted without its data
+        assert connection.default_channel.queue_purge("training") >= 1
+    log = tmp_path / "worker.log"
+    with celery_worker(log) as worker:
+        done = wait_for(lambda: _refreshed(job).status in FineTuningJob.FINISHED or worker.poll() is not None, 240)
+    assert done, f"job still {job.status} after 240 s; worker log:\n{_log(log)}"
+    assert job.status == "succeeded", f"{job.error}\n{_log(log)}"
+    assert job.requeue_count == 1
