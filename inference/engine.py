@@ -3,11 +3,14 @@
 One engine per set of weights in a process (a base model, shared by its LoRA
 versions, or a full fine-tune). Requests from any number of web threads join a
 bounded queue; one scheduler thread admits them into a batch of up to
-``max_batch`` sequences as slots free up, runs each newcomer's prompt once
-(prefill), then advances every sequence in the batch by one token per forward
-pass. A sequence leaves the batch the moment it ends (end of answer, stop
-sequence, token limit, time limit, or its client went away), and a waiting one
-takes its slot at the next step.
+``max_batch`` sequences as slots free up, runs each newcomer's prompt (prefill),
+then advances every sequence past its prompt by one token per forward pass. A
+short prompt runs in one pass as it is admitted; a long one runs in chunks, one
+per scheduler step and, while other sequences decode, only as often as keeps
+prefill to a share of the time (``prefill_share``), so that a running stream
+keeps its pace while long prompts arrive. A sequence leaves the batch the moment
+it ends (end of answer, stop sequence, token limit, time limit, or its client
+went away), and a waiting one takes its slot at the next step.
 
 The decoder is a lean re-implementation of the Llama forward pass (SmolLM2 is
 a Llama) over a static key/value cache, with the same arithmetic as
@@ -52,6 +55,26 @@ _DRAFT_MAX_ROWS = 2
 _PREFIXES_KEPT = 4
 _PREFIX_MAX_TOKENS = 256
 _PREFIX_MIN_TOKENS = 8
+# Prefill. Measured here (SmolLM2-135M, fp32, 2 torch threads, AMD EPYC, medians): a lone stream's
+# decode step takes 76 ms; a pass of 16 / 32 / 64 / 128 / 256 prompt tokens (after 300 in the cache)
+# 113 / 204 / 257 / 351 / 623 ms, about 80 ms (the weights read once, as in a decode step) plus
+# 2.1 ms a token. A 16-token pass every step would take 60% of a stream's pace for 16 tokens a step.
+# So a long prompt runs in passes of about _PREFILL_PASS_SECONDS (their size follows the measured
+# seconds per prompt token: about 200 tokens here), and while some sequences decode, a pass runs
+# only once the decode steps have earned its expected time, at PREFILL_SHARE of their own: the
+# streams keep 1 / (1 + share) of their pace (77% at 0.3; here one 0.5 s pass every ~22 steps, ~9
+# prompt tokens a step), and wait at most one pass between two tokens (~0.6 s here, against a 1.5 s
+# target: room for a slower machine, or an int8 round instead of a step). A prompt with at most
+# _PREFILL_AT_ONCE tokens to run goes in one pass as it is admitted, unpaced, as before: product
+# prompts are 80-100 tokens (about half of them reused), and pacing those would leave slots idle
+# while many clients take turns, since each newcomer's prompt is then a large share of the work.
+PREFILL_SHARE = 0.3
+_PREFILL_AT_ONCE = 128
+_PREFILL_PASS_SECONDS = 0.5
+_PREFILL_MIN_TOKENS = 16  # a floor, for a machine so slow (or busy) that half a second holds fewer
+# While nothing decodes, passes of this many: a prompt of 1,000 tokens takes 9% longer in two passes
+# than in one here (18% in four), and a newcomer waits at most one pass to be admitted.
+_PREFILL_IDLE_TOKENS = 512
 
 
 class EngineError(Exception):
@@ -412,7 +435,7 @@ class _Sequence:
     text: _TextStream
     adapter: Adapter | None
     tokens: list = field(default_factory=list)
-    position: int = 0  # tokens in the cache
+    position: int = 0  # tokens in the cache (while prefilling, the prompt's so far)
     generator: object = None
     started_at: float = 0.0
 
@@ -422,12 +445,37 @@ class _Sequence:
         if self.sampling.temperature > 0:
             self.generator = torch.Generator().manual_seed(self.generation.seed + self.index)
 
+    @property
+    def prefilling(self):
+        """In a slot, its prompt not all in the cache yet: the first token comes with the last chunk."""
+        return not self.tokens
+
 
 # --- The engine ---------------------------------------------------------------
 
 
 class Engine:
-    def __init__(self, decoder, tokenizer, *, stop_token_ids, max_batch, max_queue, max_tokens, name="engine"):
+    def __init__(
+        self,
+        decoder,
+        tokenizer,
+        *,
+        stop_token_ids,
+        max_batch,
+        max_queue,
+        max_tokens,
+        name="engine",
+        prefill_share=PREFILL_SHARE,
+        prefill_chunk=None,
+    ):
+        """``prefill_share``: while sequences decode, long prompts take at most this share of the
+        decode steps' time. ``prefill_chunk``: prompt tokens per prefill pass, and a prompt no
+        longer runs at once (None: passes of about _PREFILL_PASS_SECONDS while sequences decode,
+        of _PREFILL_IDLE_TOKENS otherwise; at once up to _PREFILL_AT_ONCE tokens)."""
+        if not prefill_share > 0:
+            raise EngineError(f"prefill_share must be positive, not {prefill_share!r}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise EngineError(f"prefill_chunk must be at least 1, not {prefill_chunk!r}")
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -442,6 +490,12 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._seconds_per_sequence = 5.0  # a running estimate, for Retry-After
+        self.prefill_share = prefill_share
+        self.prefill_chunk = prefill_chunk
+        # A running estimate, from the first pass on: a sequence decodes only after a pass of its own.
+        self._prefill_seconds_per_token = None
+        # Seconds of prefill the decode steps have earned (share x their time) less those spent.
+        self._prefill_credit = 0.0
         self._thread = threading.Thread(target=self._run, name=f"genapi-{name}", daemon=True)
         self._thread.start()
 
@@ -528,11 +582,16 @@ class Engine:
                 try:
                     for sequence in admitted:
                         self._admit(sequence)
-                    if self._active:
+                    self._prefill_next()
+                    if any(not s.prefilling for s in self._active):
+                        started = time.perf_counter()
                         self._step()
+                        if any(s.prefilling for s in self._active):
+                            self._prefill_credit += self.prefill_share * (time.perf_counter() - started)
                 except Exception as exc:  # never leave a client waiting on a dead batch
                     logger.exception("Generation failed")
-                    for sequence in [*self._active, *admitted]:
+                    # Prefilling sequences too: they hold slots; an admitted one may not have one yet.
+                    for sequence in [*self._active, *(s for s in admitted if s not in self._active)]:
                         sequence.generation.events.put(("error", exc))
                     self._active.clear()
 
@@ -552,8 +611,7 @@ class Engine:
         self._pending = keep
 
     def _admit(self, sequence):
-        import torch
-
+        """Give ``sequence`` a slot; a short prompt runs at once, a long one in later steps."""
         generation = sequence.generation
         if generation.cancelled:
             return self._done(sequence, "cancelled", slot=None)
@@ -563,12 +621,62 @@ class Engine:
         self._active.append(sequence)
         sequence.started_at = time.monotonic()
         ids = generation.prompt_ids
-        start = self._prefix_reuse(sequence.adapter, ids, slot)
-        tokens = torch.tensor([ids[start:]])
+        sequence.position = self._prefix_reuse(sequence.adapter, ids, slot)
+        if len(ids) - sequence.position <= (self.prefill_chunk or _PREFILL_AT_ONCE):
+            self._prefill(slot, sequence, len(ids) - sequence.position)
+
+    def _prefill_next(self):
+        """One prefill pass for the oldest prefilling sequence, if its turn has come: at once
+        while nothing decodes; else once the decode steps have earned the time it should take
+        (earned before it runs, so that the streams never fall behind their share)."""
+        now = time.monotonic()
+        # From the last slot down: a finished sequence's slot is refilled by the last one.
+        for slot in range(len(self._active) - 1, -1, -1):
+            sequence = self._active[slot]
+            if sequence.prefilling and sequence.generation.cancelled:
+                self._done(sequence, "cancelled", slot=slot)
+            elif sequence.prefilling and now > sequence.generation.deadline:
+                self._done(sequence, "timeout", slot=slot)
+        waiting = [s for s in self._active if s.prefilling]
+        decoding = len(waiting) < len(self._active)
+        if not waiting or not decoding:
+            self._prefill_credit = 0.0
+        if not waiting:
+            return
+        sequence = min(waiting, key=lambda s: s.started_at)
+        if self.prefill_chunk is not None:
+            count = self.prefill_chunk
+        elif decoding:
+            count = max(_PREFILL_MIN_TOKENS, round(_PREFILL_PASS_SECONDS / self._prefill_seconds_per_token))
+        else:
+            count = _PREFILL_IDLE_TOKENS
+        count = min(count, len(sequence.generation.prompt_ids) - sequence.position)
+        if decoding and self._prefill_credit < count * self._prefill_seconds_per_token:
+            return
+        seconds = self._prefill(self._active.index(sequence), sequence, count)
+        if decoding:
+            self._prefill_credit -= seconds
+
+    def _prefill(self, slot, sequence, count):
+        """Run the next ``count`` prompt tokens of ``sequence`` into its slot, after those already
+        there; after the last, choose its first token. Returns the seconds it took."""
+        import torch
+
+        ids = sequence.generation.prompt_ids
+        start = sequence.position
+        started = time.perf_counter()
+        tokens = torch.tensor([ids[start : start + count]])
         logits = self._forward(tokens, None, prefill=True, slot=slot, adapter=sequence.adapter, start=start)
-        self._prefix_keep(sequence.adapter, ids, slot)
-        sequence.position = len(ids)
-        self._emit(slot, sequence, self._choose(sequence, logits[0]))
+        seconds = time.perf_counter() - started
+        estimate = self._prefill_seconds_per_token
+        self._prefill_seconds_per_token = (
+            seconds / count if estimate is None else 0.7 * estimate + 0.3 * seconds / count
+        )
+        sequence.position = start + count
+        if sequence.position == len(ids):
+            self._prefix_keep(sequence.adapter, ids, slot)
+            self._emit(slot, sequence, self._choose(sequence, logits[0]))
+        return seconds
 
     def _prefix_reuse(self, adapter, ids, slot):
         """Copy into ``slot`` the keys and values of the longest opening this prompt shares
@@ -605,9 +713,11 @@ class Engine:
             self._prefixes.popitem(last=False)
 
     def _step(self):
+        """One token (or an int8 round's) for every sequence past its prompt."""
         import torch
 
-        batch = self._active
+        rows, slots = self._decoding()
+        batch = [s for _, s in rows]
         if self.decoder.quantized and len(batch) <= _DRAFT_MAX_ROWS:
             # Never past a sequence's token limit (nor so past the end of the cache).
             drafts = min(_DRAFT_TOKENS, min(s.max_new_tokens - len(s.tokens) for s in batch) - 1)
@@ -615,13 +725,23 @@ class Engine:
                 return self._speculate(drafts)
         tokens = torch.tensor([[s.tokens[-1]] for s in batch])
         positions = torch.tensor([s.position for s in batch])
-        logits = self._forward(tokens, positions, prefill=False)
+        logits = self._forward(tokens, positions, prefill=False, slots=slots)
         for sequence in batch:
             sequence.position += 1
-        # From the last slot down: a finished sequence's slot is refilled by the last one.
-        for slot in range(len(batch) - 1, -1, -1):
-            sequence = batch[slot]
-            self._emit(slot, sequence, self._choose(sequence, logits[slot]))
+        # From the last slot down: a finished sequence's slot is refilled by the last one, which
+        # is behind us (or prefilling).
+        for row in range(len(rows) - 1, -1, -1):
+            slot, sequence = rows[row]
+            self._emit(slot, sequence, self._choose(sequence, logits[row]))
+
+    def _decoding(self):
+        """([(slot, sequence)] of the sequences past their prompt, by slot; their slots as a
+        tensor, or None when row i is in slot i, as when no prompt is running)."""
+        import torch
+
+        rows = [(slot, s) for slot, s in enumerate(self._active) if not s.prefilling]
+        slots = None if len(rows) == len(self._active) else torch.tensor([slot for slot, _ in rows])
+        return rows, slots
 
     def _speculate(self, drafts):
         """An int8 engine's round: ``drafts`` tokens drafted on the int8 weights for every
@@ -631,7 +751,8 @@ class Engine:
         would give (the same draws for a seeded sample), for about one fp32 pass per round."""
         import torch
 
-        batch = list(self._active)
+        rows, slots = self._decoding()
+        batch = [s for _, s in rows]
         starts = [s.position for s in batch]
         drafted = [[] for _ in batch]
         # A sampled sequence's generator before its first draw: the check redraws from there.
@@ -639,29 +760,29 @@ class Engine:
         tokens = [s.tokens[-1] for s in batch]
         for step in range(drafts):
             logits = self._decode_native(
-                torch.tensor(tokens)[:, None], torch.tensor([p + step for p in starts]), kernel="int8"
+                torch.tensor(tokens)[:, None], torch.tensor([p + step for p in starts]), kernel="int8", slots=slots
             )
             for row, sequence in enumerate(batch):
                 tokens[row] = self._choose(sequence, logits[row], history=sequence.tokens + drafted[row])
                 drafted[row].append(tokens[row])
         # The check: every sequence's last token and drafts, in its own slot at its next positions,
         # one pass over the fp32 weights for all of them.
-        rows = [(slot, [s.tokens[-1], *drafted[slot]]) for slot, s in enumerate(batch)]
+        checks = [[s.tokens[-1], *drafted[row]] for row, s in enumerate(batch)]
         logits = self._decode_native(
-            torch.tensor([token for _, ids in rows for token in ids])[:, None],
-            torch.tensor([starts[slot] + i for slot, ids in rows for i in range(len(ids))]),
+            torch.tensor([token for ids in checks for token in ids])[:, None],
+            torch.tensor([starts[row] + i for row, ids in enumerate(checks) for i in range(len(ids))]),
             kernel="f32",
-            slots=torch.tensor([slot for slot, ids in rows for _ in ids]),
+            slots=torch.tensor([slot for (slot, _), ids in zip(rows, checks, strict=True) for _ in ids]),
         )
         checked = logits.view(len(batch), drafts + 1, -1)
-        for slot in range(len(batch) - 1, -1, -1):
-            sequence = batch[slot]
-            if states[slot] is not None:
-                sequence.generator.set_state(states[slot])
-            for index, logits in enumerate(checked[slot]):
+        for row in range(len(rows) - 1, -1, -1):
+            slot, sequence = rows[row]
+            if states[row] is not None:
+                sequence.generator.set_state(states[row])
+            for index, logits in enumerate(checked[row]):
                 token = self._choose(sequence, logits)
                 sequence.position += 1
-                if self._emit(slot, sequence, token) or index == drafts or token != drafted[slot][index]:
+                if self._emit(slot, sequence, token) or index == drafts or token != drafted[row][index]:
                     break
 
     def _emit(self, slot, sequence, token):
@@ -738,18 +859,18 @@ class Engine:
 
     # The decoder.
 
-    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0):
+    def _forward(self, tokens, positions, *, prefill, slot=None, adapter=None, every=False, start=0, slots=None):
         """Logits of the last position (of every position with ``every``), on the fp32 weights.
         Prefill: ``tokens`` is [1, T], one sequence's prompt from position ``start`` (the keys
         and values before it already in ``slot``), its keys and values kept in ``slot``
-        (unless None). Decode: [B, 1], slot i at positions[i]; several rows, or any on an int8
-        engine, go through the native kernels."""
+        (unless None). Decode: [B, 1], row i in cache slot ``slots[i]`` (default i) at
+        positions[i]; several rows, or any on an int8 engine, go through the native kernels."""
         import torch
         import torch.nn.functional as F
 
         d = self.decoder
         if not prefill and d.kernels is not None and (tokens.shape[0] > 1 or d.quantized):
-            return self._decode_native(tokens, positions, kernel="f32")
+            return self._decode_native(tokens, positions, kernel="f32", slots=slots)
         batch, length = tokens.shape
         rows = batch * length
         if prefill:
@@ -763,8 +884,14 @@ class Engine:
             span = int(positions.max()) + 1
             # True where a row must not look: past its own length.
             mask = None if batch == 1 else (torch.arange(span)[None] > positions[:, None])[:, None, None]
-            slots = torch.arange(batch)
-            adapters = self._adapter_rows()
+            adapters = self._adapter_rows(slots)
+            if slots is None:
+                slots = torch.arange(batch)
+                cached = slice(0, batch)
+            elif batch == 1:  # a view of the one slot, not a copy of its keys and values
+                cached = slice(int(slots[0]), int(slots[0]) + 1)
+            else:
+                cached = slots
         hidden = d.embed[tokens.reshape(-1)]  # [rows, D]
         heads, kv_heads, scale = d.num_heads, d.num_kv_heads, d.head_dim**-0.5
         q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
@@ -794,8 +921,12 @@ class Engine:
             else:
                 self._keys[index, slots, :, positions] = k[:, :, 0]
                 self._values[index, slots, :, positions] = v[:, :, 0]
-                keys = self._keys[index, :batch, :, :span]
-                values = self._values[index, :batch, :, :span]
+                if isinstance(cached, slice):
+                    keys = self._keys[index, cached, :, :span]
+                    values = self._values[index, cached, :, :span]
+                else:  # rows in scattered slots: copy just their keys and values so far
+                    keys = self._keys[index, :, :, :span].index_select(0, cached)
+                    values = self._values[index, :, :, :span].index_select(0, cached)
                 if mask is None:  # one sequence: transformers' kernel, same numbers
                     attended = F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
                     attended = attended.transpose(1, 2).reshape(rows, q_width)

@@ -121,7 +121,7 @@ def expected(lively, hf_generate):
 def make_engine(lively):
     engines = []
 
-    def make(*, max_batch=8, max_queue=32, quantize="none", native=True):
+    def make(*, max_batch=8, max_queue=32, quantize="none", native=True, **options):
         decoder = lively.decoder if quantize == "none" else lively.decoder_int8
         if not native:  # as on a machine without a C++ compiler
             decoder = copy.copy(decoder)
@@ -134,6 +134,7 @@ def make_engine(lively):
             max_queue=max_queue,
             max_tokens=1024,
             name="test",
+            **options,
         )
         engines.append(engine)
         return engine
@@ -495,3 +496,145 @@ def test_int8_target_loss_is_the_fp32_loss(lively, make_engine):
     loss, count = quantized.target_loss(prompt_ids, target_ids)
     assert count == len(target_ids)
     assert loss == full.target_loss(prompt_ids, target_ids)[0]
+
+
+# --- Prefill in chunks ----------------------------------------------------------
+
+STORY = (
+    "A lighthouse keeper collects shells, rain, old maps and the songs of passing ships. "
+    "Each morning she climbs two hundred steps, polishes the lens, and writes the weather in a green book. "
+    "In winter the gulls sleep on the railings and the sea turns the colour of slate; in summer children row out "
+    "from the village to trade apples for stories. One night a ship without lights drifts past the rocks, and "
+    "she follows it along the coast with her lamp until dawn. Tell her story slowly, season by season, "
+    "naming every tool she uses, every visitor who knocks, and every storm that shakes the tower. "
+)
+LONG = prompts.free_prompt(STORY * 2)  # 644 tokens of the tiny model's tokenizer
+# Its first 330 tokens are LONG's: run after LONG, it starts from LONG's kept opening.
+LONG_TOO = prompts.free_prompt(STORY + "Then tell it again as the gulls saw it.")
+
+
+def _log_prefill(engine, monkeypatch, sequence):
+    """The prefill passes of ``sequence``, as they run: a list of their token counts."""
+    passes = []
+    prefill = engine._prefill
+
+    def logged(slot, running, count):
+        if running is sequence:
+            passes.append(count)
+        return prefill(slot, running, count)
+
+    monkeypatch.setattr(engine, "_prefill", logged)
+    return passes
+
+
+@pytest.mark.parametrize(
+    "quantize,native,pace", [("none", True, 0.02), ("none", False, 0.02), ("int8", True, 0.1)], ids=str
+)
+def test_streams_get_a_token_every_step_while_a_long_prompt_prefills(
+    lively, expected, make_engine, monkeypatch, quantize, native, pace
+):
+    """Two streams, in the slots either side of a long prompt: while the prompt runs, in chunks,
+    every engine step gives each stream its next token (an int8 round: one or more), and no two
+    chunks run without a step between them. Every text is transformers' greedy text."""
+    engine = make_engine(quantize=quantize, native=native, prefill_chunk=80)  # the streams' prompts run at once
+    slow_steps(engine, monkeypatch, pace)  # time to earn the long prompt's chunks: steps are counted, not timed
+    log = []  # ("step", each stream's tokens before, after) and ("chunk", slot, (from, to)), in order
+    step, prefill = engine._step, engine._prefill
+    with engine._cond:  # the scheduler waits: nothing runs before the log is in place
+        first, long, second = _submit_together(engine, lively, [(PROMPTS[0], {}), (LONG, {}), (PROMPTS[1], {})])
+        streams, prompt = [first.sequences[0], second.sequences[0]], long.sequences[0]
+
+        def logged_step():
+            before = [len(s.tokens) for s in streams]
+            step()
+            log.append(("step", before, [len(s.tokens) for s in streams]))
+
+        def logged_prefill(slot, sequence, count):
+            if sequence is prompt:
+                log.append(("chunk", slot, (sequence.position, sequence.position + count)))
+            return prefill(slot, sequence, count)
+
+        monkeypatch.setattr(engine, "_step", logged_step)
+        monkeypatch.setattr(engine, "_prefill", logged_prefill)
+    for generation, text_of in ((first, PROMPTS[0]), (second, PROMPTS[1]), (long, LONG)):
+        _assert_greedy(generation, *expected(text_of), text_of[:40])
+
+    spans = [span for kind, _, span in log if kind == "chunk"]
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False)) and spans[-1][1] == len(lively.ids(LONG))
+    assert [b - a for a, b in spans[:-1]] == [80] * (len(spans) - 1) and len(spans) >= 7
+    # Until the step that ended a stream: the streams' steps and the prompt's chunks, alternating.
+    both = log[: next(i for i, (kind, *counts) in enumerate(log) if kind == "step" and N in counts[1])]
+    chunks = [slot for kind, slot, _ in both if kind == "chunk"]
+    assert chunks.count(1) == len(chunks) >= (len(spans) if quantize == "none" else 2)  # between slots 0 and 2
+    assert all(a == "step" or b == "step" for (a, *_), (b, *_) in zip(both, both[1:], strict=False))
+    for kind, before, after in both:
+        gained = [b - a for a, b in zip(before, after, strict=True)] if kind == "step" else [1]
+        assert all(g == 1 for g in gained) if quantize == "none" else all(g >= 1 for g in gained)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_chunked_prefill_gives_the_text_of_one_pass(lively, expected, make_engine, monkeypatch, adapter, sampling):
+    """Prompts run in chunks of 5 tokens (after a reused opening, from wherever it ends) give the
+    tokens of prompts run whole, and greedy text is transformers'."""
+    chunked, whole = make_engine(prefill_chunk=5), make_engine(prefill_chunk=4096)
+    reused = []
+    prefix_reuse = chunked._prefix_reuse
+
+    def logged(adapter, ids, slot):
+        start = prefix_reuse(adapter, ids, slot)
+        reused.append(start)
+        return start
+
+    monkeypatch.setattr(chunked, "_prefix_reuse", logged)
+    for prompt in [*PROMPTS, LONG, LONG_TOO]:
+        [(whole_completion, whole_ids)] = _tokens(
+            _submit(whole, lively, prompt, adapter=adapter, sampling=sampling)
+        ).values()
+        [(completion, ids)] = _tokens(_submit(chunked, lively, prompt, adapter=adapter, sampling=sampling)).values()
+        assert ids == whole_ids and completion.text == whole_completion.text, prompt[:40]
+        if sampling is GREEDY:
+            assert (ids, completion.text) == expected(prompt, adapter), prompt[:40]
+    assert reused[-1] == 256 and any(0 < start % 5 for start in reused)  # LONG_TOO after LONG's opening
+
+
+@pytest.mark.parametrize("end", ["cancelled", "timeout"])
+def test_a_prompt_cancelled_or_timed_out_mid_prefill_frees_its_slot(lively, expected, make_engine, monkeypatch, end):
+    """The long prompt's slot goes to the request waiting for one; the stream that ran next to it
+    (moved into the freed slot) answers as it would alone."""
+    engine = make_engine(max_batch=2, prefill_chunk=8)  # "hello" runs at once, the long prompt in 81 chunks
+    slow_steps(engine, monkeypatch)
+    timeout = 0.4 if end == "timeout" else 30
+    with engine._cond:
+        long, stream = _submit_together(engine, lively, [(LONG, {"timeout": timeout}), (PROMPTS[2], {})])
+        passes = _log_prefill(engine, monkeypatch, long.sequences[0])
+    waiting = _submit(engine, lively, PROMPTS[1])
+    assert eventually(lambda: len(passes) >= 3)
+    if end == "cancelled":
+        long.cancel()
+    [(completion, streamed)] = _collect(long).values()
+    assert (completion.finish_reason, completion.tokens, streamed) == (end, 0, "")
+    assert 3 <= len(passes) < len(lively.ids(LONG)) / 8
+    ran_beside = _assert_greedy(stream, *expected(PROMPTS[2]), "stream")
+    _assert_greedy(waiting, *expected(PROMPTS[1]), "waiting")
+    assert waiting.sequences[0].started_at < ran_beside.finished_at  # it took the long prompt's slot
+    assert eventually(lambda: engine.load() == (0, 0), timeout=1.0)
+
+
+def test_a_failure_mid_prefill_reaches_every_client_and_the_engine_goes_on(lively, expected, make_engine, monkeypatch):
+    engine = make_engine(prefill_chunk=8)
+    slow_steps(engine, monkeypatch)
+    prefill = engine._prefill
+
+    def failing(slot, sequence, count):
+        if sequence.position > 100:
+            raise RuntimeError("the forward pass failed")
+        return prefill(slot, sequence, count)
+
+    monkeypatch.setattr(engine, "_prefill", failing)
+    stream, long = _submit_together(engine, lively, [(PROMPTS[2], {}), (LONG, {})])
+    for generation in (stream, long):
+        with pytest.raises(RuntimeError, match="the forward pass failed"):
+            _collect(generation)
+    assert eventually(lambda: engine.load() == (0, 0), timeout=1.0)
+    _assert_greedy(_submit(engine, lively, PROMPTS[1]), *expected(PROMPTS[1]), "after")
