@@ -289,12 +289,12 @@ def test_ready_says_loading_until_the_active_version_is_in_memory(client, base_v
 @pytest.mark.django_db(transaction=True)
 def test_the_access_log_escapes_what_clients_control(tmp_path, base_version):
     log = tmp_path / "web.log"
-    forged = "evil\n127.0.0.1 - admin [01/Jan/2026] \"GET /admin/ HTTP/1.1\" 200\x1b[2J"
+    forged = 'evil\n127.0.0.1 - admin [01/Jan/2026] "GET /admin/ HTTP/1.1" 200\x1b[2J'
     with web_process(log, config=True) as url:
         address = urlsplit(url)
         conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
         credentials = base64.b64encode(f"{forged}:password".encode()).decode()
-        conn.request("GET", "/api/jobs", headers={"Authorization": f"Basic {credentials}", "User-Agent": "ua\"x"})
+        conn.request("GET", "/api/jobs", headers={"Authorization": f"Basic {credentials}", "User-Agent": 'ua"x'})
         assert conn.getresponse().status == 401
     text = log.read_text()
     [line] = [line for line in text.splitlines() if "GET /api/jobs HTTP" in line]  # the access log's
