@@ -90,8 +90,8 @@ class EngineClosed(EngineError):
 
 
 class QueueFull(EngineError):
-    def __init__(self, retry_after):
-        super().__init__(f"the generation queue is full; retry in {retry_after} s")
+    def __init__(self, retry_after, *, reason="the generation queue is full"):
+        super().__init__(f"{reason}; retry in {retry_after} s")
         self.retry_after = retry_after
 
 
@@ -520,11 +520,21 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("this model was unloaded")
+            waiting = len(self._pending) + len(self._active)
+            # The time the ones ahead will take before this one's turn (sequences in flight finish
+            # max_batch at a time). A request that would time out before it starts is refused now,
+            # with when to come back, rather than queued to fail later: a queue of slow sequences,
+            # or a machine slowed by a flood of requests, admits fewer.
+            wait = self._seconds_per_sequence * max(0, waiting + n - self.max_batch) / self.max_batch
             # A request larger than the whole queue still gets in when the queue is empty.
-            if self._pending and len(self._pending) + n > self.max_queue:
-                waiting = len(self._pending) + len(self._active)
+            full = len(self._pending) + n > self.max_queue
+            if self._pending and (full or wait > timeout):
                 retry = math.ceil(self._seconds_per_sequence * max(1, waiting) / self.max_batch)
-                raise QueueFull(max(1, retry))
+                reason = "the generation queue is full" if full else (
+                    f"the server is overloaded: this request would wait about {wait:.0f} s, more than its "
+                    f"{timeout:g} s time limit"
+                )  # fmt: skip
+                raise QueueFull(max(1, retry), reason=reason)
             self._pending.extend(generation.sequences)
             self._cond.notify()
         return generation

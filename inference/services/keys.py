@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 
 from django.core.cache import cache
 from django.db import DatabaseError, IntegrityError, transaction
@@ -23,9 +24,12 @@ LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "daily_token_quota")
 PREFIX_LENGTH = len(KEY_START) + 8
 # A key's last-used time is written at most this often: not a database write per request.
 LAST_USED_RESOLUTION = datetime.timedelta(seconds=60)
-# How long a key's row is kept in the (shared) cache, so that a request costs no database read.
-# Changing or revoking a key, or saving its owner, drops it from the cache at once.
+# How long a key's row read from the (shared) cache is used as it is, so that a request costs no
+# database read; after that it is read again. Changing or revoking a key, or saving its owner,
+# drops it from the cache at once. An older copy is kept for a day: while the database is
+# unreachable a key it knows still works (generation goes on through an outage).
 CACHED_SECONDS = 60
+STALE_SECONDS = 24 * 3600
 _CACHED_FIELDS = ("id", "name", "prefix", "key_hash", "scopes", *LIMIT_FIELDS, "expires_at", "last_used_at",
                   "revoked_at", "owner_id", "created_at")  # fmt: skip
 
@@ -153,13 +157,23 @@ def key_authenticate(*, raw):
 
 
 def _key_get(prefix, found):
-    """(key, whether its owner is active) from the cached fields ``found``, else the database."""
-    if found is not None:
-        fields, owner_active = found
+    """(key, whether its owner is active) from the cached fields ``found`` while they are fresh,
+    else the database; a stale copy when the database cannot be reached."""
+    cached = None
+    if found is not None and len(found) == 3:
+        fields, owner_active, fresh_until = found
         key = ApiKey(**fields)
         key._state.adding = False
-        return key, owner_active
-    key = ApiKey.objects.select_related("owner").filter(prefix=prefix).first()
+        cached = key, owner_active
+        if time.time() < fresh_until:
+            return cached
+    try:
+        key = ApiKey.objects.select_related("owner").filter(prefix=prefix).first()
+    except DatabaseError:
+        if cached is None:
+            raise
+        logger.warning("Key %s checked against its cached copy: the database is unreachable", prefix)
+        return cached
     if key is None:
         raise ApiKeyInvalid("invalid API key")
     _remember(key, key.owner.is_active)
@@ -192,8 +206,8 @@ def _cache_name(prefix):
 
 def _remember(key, owner_active):
     try:
-        cache.set(_cache_name(key.prefix), ({name: getattr(key, name) for name in _CACHED_FIELDS}, owner_active),
-                  CACHED_SECONDS)  # fmt: skip
+        fields = {name: getattr(key, name) for name in _CACHED_FIELDS}
+        cache.set(_cache_name(key.prefix), (fields, owner_active, time.time() + CACHED_SECONDS), STALE_SECONDS)
     except Exception:  # noqa: BLE001
         pass
 

@@ -333,6 +333,24 @@ def test_a_full_queue_refuses_with_a_retry_delay_and_earlier_work_goes_on(lively
     )
 
 
+def test_a_request_that_would_time_out_waiting_is_refused_at_once(lively, make_engine, monkeypatch):
+    """Overload: when the sequences ahead would take longer than a request's time limit, it is
+    refused with a retry delay instead of queued to time out (a 504 after a long wait)."""
+    engine = make_engine(max_batch=1, max_queue=8)
+    slow_steps(engine, monkeypatch)
+    running = _submit(engine, lively, PROMPTS[0])
+    assert eventually(lambda: engine.load() == (1, 0))
+    engine._seconds_per_sequence = 20.0  # as measured on a slow or flooded machine
+    waiting = _submit(engine, lively, PROMPTS[1], max_new_tokens=8, timeout=30)  # about 20 s ahead: in
+    with pytest.raises(QueueFull) as refused:
+        _submit(engine, lively, PROMPTS[2], max_new_tokens=8, timeout=30)  # about 40 s ahead: out
+    assert "overloaded" in str(refused.value) and refused.value.retry_after >= 20
+    later = _submit(engine, lively, PROMPTS[2], max_new_tokens=8, timeout=60)  # time enough: in
+    for generation in (running, waiting, later):
+        generation.cancel()
+    engine.close(wait=10)
+
+
 # An int8 engine's step is a round of up to 9 tokens: slower rounds, to act while one runs.
 QUANTIZED_PACE = pytest.mark.parametrize("quantize,pace", [("none", 0.02), ("int8", 0.1)])
 
