@@ -360,6 +360,9 @@ def test_past_its_deadline_a_request_ends_with_timeout(lively, expected, make_en
     engine = make_engine(max_batch=1, quantize=quantize)
     slow_steps(engine, monkeypatch, pace)  # N tokens take about a second
     running = _submit(engine, lively, PROMPTS[0], timeout=0.3)
+    # In the slot first: with another one still waiting, a request that cannot start within its
+    # time limit would be refused at once (QueueFull, test below), not queued to time out.
+    assert eventually(lambda: engine.load() == (1, 0))
     waiting = _submit(engine, lively, PROMPTS[1], timeout=0.1)  # never gets the slot in time
     [(late, _)] = _collect(waiting).values()
     [(cut_short, _)] = _collect(running).values()
