@@ -48,10 +48,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gunicorn_process import gunicorn_start  # noqa: E402
 from train_bench import ADIDAS_CSV, ROOT, django_setup, examples_load  # noqa: E402
 
 TARGET_OVERHEAD_MS = 2.0
@@ -129,21 +129,7 @@ class Server:
             "--requests-per-minute", "1000000", "--tokens-per-minute", "100000000",
             "--daily-token-quota", "1000000000", capture=True,
         )  # fmt: skip
-        gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or "gunicorn"
-        self.log = open(scratch / "gunicorn.log", "w")
-        self.process = subprocess.Popen(
-            [gunicorn, "-c", "docker/gunicorn.conf.py", "genapi.wsgi:application"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(self.url("/api/ready"), timeout=60).read()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"gunicorn did not start; see {self.log.name}") from None
-                time.sleep(0.5)
+        self.process, self.log = gunicorn_start(self.env, scratch / "gunicorn.log", self.port, timeout=300)
 
     def url(self, path):
         return f"http://127.0.0.1:{self.port}{path}"

@@ -50,6 +50,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gunicorn_process import gunicorn_start  # noqa: E402
 from train_bench import ADIDAS_CSV, ROOT, base_dir_get, django_setup, examples_load  # noqa: E402
 
 TARGET_SINGLE = 3.0  # single-stream tokens/s vs the baseline
@@ -209,21 +210,7 @@ class Server:
         for command in (["migrate", "--noinput"], ["prepare_base_model"]):
             subprocess.run([python, "manage.py", *command], cwd=ROOT, env=self.env, check=True,
                            stdout=subprocess.DEVNULL)  # fmt: skip
-        gunicorn = shutil.which("gunicorn", path=str(Path(python).parent)) or "gunicorn"
-        self.log = open(scratch / f"gunicorn-{quantize}.log", "w")
-        self.process = subprocess.Popen(
-            [gunicorn, "-c", "docker/gunicorn.conf.py", "genapi.wsgi:application"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(self.url("/api/ready"), timeout=60).read()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"gunicorn did not start; see {self.log.name}") from None
-                time.sleep(0.5)
+        self.process, self.log = gunicorn_start(self.env, scratch / f"gunicorn-{quantize}.log", self.port, timeout=120)
 
     def worker_rss_mb(self):
         """Resident memory of the worker process(es), MB."""
