@@ -16,6 +16,7 @@ Environment (all optional):
 """
 
 import os
+import re
 
 from gunicorn import glogging
 
@@ -61,14 +62,16 @@ def post_worker_init(worker):
     active_version_warm_start()
 
 
+# Anything but printable ASCII, the quote and the backslash.
+_UNSAFE = re.compile(r"[^ !#-\[\]-~]")
+
+
 def _escaped(value):
     """A client-controlled string as one printable line: quotes, backslashes, control and
     non-ASCII characters as \\xNN (as nginx writes them), so a crafted user name, path or
-    header can neither forge log lines nor send escape sequences to a terminal."""
-    return "".join(
-        char if " " <= char <= "~" and char not in '"\\' else "".join(f"\\x{byte:02x}" for byte in char.encode())
-        for char in value
-    )
+    header can neither forge log lines nor send escape sequences to a terminal. A regular
+    expression, not a loop over characters: it runs on every field of every request."""
+    return _UNSAFE.sub(lambda unsafe: "".join(f"\\x{byte:02x}" for byte in unsafe[0].encode()), value)
 
 
 class EscapingLogger(glogging.Logger):
