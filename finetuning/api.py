@@ -11,8 +11,7 @@ from rest_framework.authentication import SessionAuthentication
 from rest_framework.response import Response
 
 from finetuning.hyperparameters import HyperparameterError
-from finetuning.models import Dataset, FineTuningJob
-from finetuning.selectors import version_get
+from finetuning.selectors import dataset_get, jobs_recent, version_get
 from finetuning.serializers import JobSerializer, JobStartSerializer
 from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
 from finetuning.services.workers import BrokerUnavailable
@@ -39,7 +38,7 @@ class JobAPIView(ClientAPIView):
 
     @staticmethod
     def job_get(pk):
-        return get_object_or_404(FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by"), pk=pk)
+        return get_object_or_404(jobs_recent(), pk=pk)
 
 
 class JobListView(JobAPIView):
@@ -50,7 +49,7 @@ class JobListView(JobAPIView):
         responses={200: JobSerializer(many=True), **error_responses(401, 403, 429, descriptions=_ERRORS)},
     )
     def get(self, request):
-        jobs = FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by")[:50]
+        jobs = jobs_recent()[:50]
         return Response(JobSerializer(jobs, many=True).data)
 
     @extend_schema(
@@ -102,7 +101,7 @@ class JobListView(JobAPIView):
                     raise exceptions.NotFound(f"retrain: no model version named {data['retrain']!r}")
                 job = job_retrain(version=version, requested_by=request.user)
             else:
-                dataset = Dataset.objects.filter(name=data["dataset"].strip()).first()
+                dataset = dataset_get(name=data["dataset"])
                 if dataset is None:
                     raise exceptions.NotFound(f"dataset: no dataset named {data['dataset']!r}")
                 job = job_start(dataset=dataset, hyperparameters=data.get("hyperparameters"), requested_by=request.user)

@@ -7,6 +7,11 @@ from django.utils import timezone
 class Dataset(models.Model):
     name = models.CharField(max_length=100, unique=True)
     description = models.TextField(blank=True)
+    train_unreviewed = models.BooleanField(
+        default=True,
+        help_text="Train on examples still in draft too. Off: only approved examples train. "
+        "Rejected examples never train.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -28,6 +33,11 @@ class TrainingExample(models.Model):
         IMPORT = "import", "Import"
         FEEDBACK = "feedback", "Feedback"
 
+    class Review(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+
     dataset = models.ForeignKey(Dataset, on_delete=models.CASCADE, related_name="examples")
     attributes = models.JSONField(
         help_text="Product attributes: name, category, color, price, brand, audience, features, …"
@@ -38,6 +48,13 @@ class TrainingExample(models.Model):
     category = models.CharField(max_length=500, blank=True, db_index=True)
     split = models.CharField(max_length=16, choices=Split.choices, default=Split.UNASSIGNED, db_index=True)
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.MANUAL, db_index=True)
+    review = models.CharField(
+        max_length=16,
+        choices=Review.choices,
+        default=Review.DRAFT,
+        db_index=True,
+        help_text="Approved examples train; drafts train when the dataset says so; rejected ones never.",
+    )
     content_hash = models.CharField(max_length=64, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -73,7 +90,11 @@ class DataSnapshot(models.Model):
         return f"{self.dataset} @ {self.sha256[:12]}"
 
 
-class FineTuningJob(models.Model):
+class LongRunningWork(models.Model):
+    """What a fine-tuning job and an evaluation share as work a Celery worker runs: a guarded
+    status, progress and time left, the worker's heartbeat, the task's sending and its limits.
+    The code that moves these fields lives in services/workers.py."""
+
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
         RUNNING = "running", "Running"
@@ -82,34 +103,47 @@ class FineTuningJob(models.Model):
         CANCELLED = "cancelled", "Cancelled"
 
     FINISHED = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
-
     ACTIVE = (Status.QUEUED, Status.RUNNING)
 
-    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
-    snapshot = models.ForeignKey(DataSnapshot, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
-    base_model = models.CharField(max_length=200)
-    hyperparameters = models.JSONField(default=dict)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    progress = models.FloatField(default=0.0, help_text="Share of training steps done, 0 to 1.")
+    progress = models.FloatField(default=0.0, help_text="Share of the work done, 0 to 1.")
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(default=0)
-    eta_seconds = models.FloatField(null=True, blank=True, help_text="Estimated seconds of training left.")
-    loss_history = models.JSONField(default=list, blank=True, help_text="[step, train loss] pairs.")
-    validation_history = models.JSONField(default=list, blank=True, help_text="[step, validation loss] pairs.")
-    metrics = models.JSONField(default=dict, blank=True)
-    environment = models.JSONField(default=dict, blank=True, help_text="Device, precision, library versions.")
+    eta_seconds = models.FloatField(null=True, blank=True, help_text="Estimated seconds of work left.")
     error = models.TextField(blank=True)
-    time_limit_seconds = models.PositiveIntegerField(default=0, help_text="Celery soft time limit for this job.")
-    worker = models.CharField(max_length=200, blank=True, help_text="Host and process that claimed the job.")
+    time_limit_seconds = models.PositiveIntegerField(default=0, help_text="Celery soft time limit for this task.")
+    worker = models.CharField(max_length=200, blank=True, help_text="Host and process that claimed it.")
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     # Sent again by the queued check when still queued long after this: the broker may have lost it.
     enqueued_at = models.DateTimeField(default=timezone.now, help_text="When its task was last sent to the broker.")
     requeue_count = models.PositiveIntegerField(default=0, help_text="Times the queued check sent its task again.")
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        abstract = True
+
+    @property
+    def wall_seconds(self):
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class FineTuningJob(LongRunningWork):
+    dataset = models.ForeignKey(Dataset, on_delete=models.PROTECT, related_name="jobs")
+    snapshot = models.ForeignKey(DataSnapshot, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs")
+    base_model = models.CharField(max_length=200)
+    hyperparameters = models.JSONField(default=dict)
+    loss_history = models.JSONField(default=list, blank=True, help_text="[step, train loss] pairs.")
+    validation_history = models.JSONField(default=list, blank=True, help_text="[step, validation loss] pairs.")
+    metrics = models.JSONField(default=dict, blank=True)
+    environment = models.JSONField(default=dict, blank=True, help_text="Device, precision, library versions.")
 
     class Meta:
         ordering = ["-created_at"]
@@ -124,12 +158,6 @@ class FineTuningJob(models.Model):
 
     def __str__(self):
         return f"job {self.pk} on {self.dataset}"
-
-    @property
-    def wall_seconds(self):
-        if self.started_at and self.finished_at:
-            return (self.finished_at - self.started_at).total_seconds()
-        return None
 
 
 class ModelVersion(models.Model):
@@ -205,39 +233,19 @@ class Activation(models.Model):
         return f"{self.previous or '–'} -> {self.version}"
 
 
-class Evaluation(models.Model):
+class Evaluation(LongRunningWork):
     """A version scored on its snapshot's validation examples next to the active
     version and the base model, same examples, same decoding."""
-
-    class Status(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        RUNNING = "running", "Running"
-        SUCCEEDED = "succeeded", "Succeeded"
-        FAILED = "failed", "Failed"
-
-    ACTIVE = (Status.QUEUED, Status.RUNNING)
 
     version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="evaluations")
     snapshot = models.ForeignKey(DataSnapshot, null=True, blank=True, on_delete=models.PROTECT)
     example_ids = models.JSONField(default=list, help_text="The examples scored, in order.")
     samples = models.JSONField(default=list, help_text="[{id, attributes, reference}] in example order.")
     decoding = models.JSONField(default=dict, help_text="Generation settings, the same for every version.")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
-    progress = models.FloatField(default=0.0)
-    step = models.PositiveIntegerField(default=0)
-    total_steps = models.PositiveIntegerField(default=0)
-    eta_seconds = models.FloatField(null=True, blank=True)
-    error = models.TextField(blank=True)
+    automatic = models.BooleanField(
+        default=False, help_text="Started by a finished job (the promotion gate) rather than by a curator."
+    )
     promotion = models.JSONField(default=dict, blank=True, help_text="The promotion gate's decision.")
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
-    worker = models.CharField(max_length=200, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
-    time_limit_seconds = models.PositiveIntegerField(default=0)
-    enqueued_at = models.DateTimeField(default=timezone.now, help_text="When its task was last sent to the broker.")
-    requeue_count = models.PositiveIntegerField(default=0, help_text="Times the queued check sent its task again.")
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -1,6 +1,14 @@
-from django.db.models import Count, Q
+from django.db.models import Count, Prefetch, Q
 
-from finetuning.models import Activation, Dataset, Evaluation, ModelVersion, TrainingExample
+from finetuning.models import (
+    Activation,
+    Dataset,
+    Evaluation,
+    EvaluationScore,
+    FineTuningJob,
+    ModelVersion,
+    TrainingExample,
+)
 
 
 def active_version_get():
@@ -51,3 +59,35 @@ def evaluation_latest(*, version):
 
 def activations_recent(limit=20):
     return Activation.objects.select_related("version", "previous", "user")[:limit]
+
+
+def rollback_target():
+    """The version that was active before the current one (None when there is none)."""
+    last = Activation.objects.select_related("previous").first()
+    if last is None or last.previous is None or not last.version.is_active:
+        return None
+    return last.previous
+
+
+def versions_with_latest_scores(versions=None):
+    """Versions with ``scores_succeeded``: their scores in succeeded evaluations, newest
+    first, fetched for the whole list in one query."""
+    succeeded = EvaluationScore.objects.filter(evaluation__status=Evaluation.Status.SUCCEEDED).order_by(
+        "-evaluation__created_at"
+    )
+    versions = ModelVersion.objects.all() if versions is None else versions
+    return versions.prefetch_related(Prefetch("scores", succeeded, to_attr="scores_succeeded"))
+
+
+def dataset_get(*, name):
+    """A dataset by its name (surrounding spaces ignored); None if absent."""
+    return Dataset.objects.filter(name=str(name).strip()).first()
+
+
+def job_get(*, pk):
+    """A job with what its pages and the API show beside it; None if absent."""
+    return jobs_recent().filter(pk=pk).first()
+
+
+def jobs_recent():
+    return FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by")

@@ -82,3 +82,66 @@ class ApiKeyUsage(models.Model):
 
     def __str__(self):
         return f"{self.key} on {self.day}"
+
+
+class Generation(models.Model):
+    """One generation as its caller met it: who asked, through which route, with what
+    input and parameters, which version answered, what it wrote and how long it took.
+    Kept GENERATION_LOG_RETENTION_DAYS days (0: not recorded). Curators rate outputs,
+    correct them and turn them into training examples (``example``)."""
+
+    class Route(models.TextChoices):
+        API = "api", "POST /api/generate"
+        COMPLETIONS = "completions", "POST /v1/completions"
+        CHAT = "chat", "POST /v1/chat/completions"
+        PLAYGROUND = "playground", "Admin playground"
+
+    class Rating(models.TextChoices):
+        GOOD = "good", "Good"
+        BAD = "bad", "Bad"
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    route = models.CharField(max_length=16, choices=Route.choices, db_index=True)
+    version = models.ForeignKey(
+        "finetuning.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="generations"
+    )
+    # Kept as written: the version may be deleted later, the record should still say which it was.
+    version_name = models.CharField(max_length=100, blank=True)
+    api_key = models.ForeignKey(ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="generations")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    input = models.JSONField(
+        default=dict, help_text="What the caller sent: product attributes, a prompt or chat messages."
+    )
+    prompt = models.TextField(blank=True, help_text="The exact prompt the model saw.")
+    output = models.TextField(blank=True)
+    parameters = models.JSONField(default=dict, blank=True, help_text="Decoding settings as applied.")
+    finish_reason = models.CharField(max_length=32, blank=True)
+    error = models.TextField(blank=True, help_text="Why it ended without an answer, when it did.")
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    timings = models.JSONField(default=dict, blank=True, help_text="load_ms, queue_ms, first_token_ms, total_ms.")
+    total_ms = models.FloatField(null=True, blank=True, help_text="From request to last token.")
+    rating = models.CharField(max_length=8, choices=Rating.choices, blank=True, db_index=True)
+    rating_note = models.TextField(blank=True)
+    rated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rated_at = models.DateTimeField(null=True, blank=True)
+    corrected_output = models.TextField(blank=True, help_text="The curator's corrected text.")
+    example = models.ForeignKey(
+        "finetuning.TrainingExample",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="generations",
+        help_text="The training example made from this output.",
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["version", "-created_at"], name="generation_version_recent")]
+
+    def __str__(self):
+        return f"generation {self.pk} by {self.version_name or '?'}"

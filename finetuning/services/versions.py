@@ -4,6 +4,7 @@ from django.utils import timezone
 from finetuning import store
 from finetuning.models import Activation, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION
+from finetuning.selectors import rollback_target
 
 
 class VersionError(Exception):
@@ -115,14 +116,6 @@ def version_approval_withdraw(*, version):
     ModelVersion.objects.filter(pk=version.pk).update(approved_at=None, approved_by=None)
     version.refresh_from_db()
     return version
-
-
-def rollback_target():
-    """The version that was active before the current one (None when there is none)."""
-    last = Activation.objects.select_related("previous").first()
-    if last is None or last.previous is None or not last.version.is_active:
-        return None
-    return last.previous
 
 
 @transaction.atomic

@@ -139,13 +139,18 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Training goes to GPU workers; everything else (the stale-job check) to the default queue.
 CELERY_TASK_ROUTES = {
     "finetuning.tasks.job_run": {"queue": "training"},
-    # Scoring loads models and generates: the machines that train do it.
-    "finetuning.tasks.evaluation_run": {"queue": "training"},
+    # Evaluations have a queue (and worker) of their own, so that a long automatic evaluation
+    # never holds a curator's training job back.
+    "finetuning.tasks.evaluation_run": {"queue": "evaluation"},
 }
 CELERY_BEAT_SCHEDULE = {
     "fail-jobs-whose-worker-died": {
         "task": "finetuning.tasks.jobs_reap_stale",
         "schedule": env.float("JOB_STALE_CHECK_SECONDS", default=60.0),
+    },
+    "purge-old-generations": {
+        "task": "inference.tasks.generations_purge",
+        "schedule": 3600.0,
     },
 }
 (VAR_DIR / "celery").mkdir(parents=True, exist_ok=True)
@@ -217,6 +222,10 @@ JOB_PUBLISH_TIMEOUT_SECONDS = env.float("JOB_PUBLISH_TIMEOUT_SECONDS", default=3
 JOB_QUEUED_RECHECK_SECONDS = env.int("JOB_QUEUED_RECHECK_SECONDS", default=300)
 JOB_QUEUED_TIMEOUT_SECONDS = env.int("JOB_QUEUED_TIMEOUT_SECONDS", default=3600)
 
+# Before a job starts, the fine-tune form counts the examples max_seq_length would skip; past
+# this share of them it refuses to start unless the curator confirms.
+PREFLIGHT_MAX_SKIPPED_SHARE = env.float("PREFLIGHT_MAX_SKIPPED_SHARE", default=0.05)
+
 # --- Evaluation and promotion -------------------------------------------------
 # After every successful job the new version, the active one and the base model are
 # scored on (at most) this many validation examples of the job's snapshot, greedy.
@@ -232,6 +241,13 @@ PROMOTION_MARGIN = env.float("PROMOTION_MARGIN", default=1.0)
 PROMOTION_GUARD_METRICS = env.list(
     "PROMOTION_GUARD_METRICS", default=["attribute_coverage", "repeated_4gram_share", "format_failure_share"]
 )
+
+# --- Curators' workbench ---------------------------------------------------------
+# Every generation (API, OpenAI-compatible routes, admin playground) is recorded for this many
+# days for curators to review, rate and turn into training examples. 0: nothing is recorded.
+GENERATION_LOG_RETENTION_DAYS = env.int("GENERATION_LOG_RETENTION_DAYS", default=30)
+# The largest file a curator may upload to import examples in the admin.
+IMPORT_MAX_UPLOAD_BYTES = env.int("IMPORT_MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
 
 # --- API ----------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -5,6 +5,7 @@ import pytest
 
 from finetuning import store
 from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVersion
+from finetuning.selectors import rollback_target
 from finetuning.services.evaluations import (
     evaluation_after_job,
     evaluation_execute,
@@ -13,7 +14,7 @@ from finetuning.services.evaluations import (
     promotion_decide,
 )
 from finetuning.services.jobs import job_execute, job_start
-from finetuning.services.versions import VersionError, rollback_target, version_activate, version_rollback
+from finetuning.services.versions import VersionError, version_activate, version_rollback
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 256}
 VALIDATION = 6

@@ -4,8 +4,8 @@ from dataclasses import fields
 from django.core.management.base import BaseCommand, CommandError
 
 from finetuning.hyperparameters import HyperparameterError, Hyperparameters
-from finetuning.models import Dataset, FineTuningJob
-from finetuning.selectors import version_get
+from finetuning.models import FineTuningJob
+from finetuning.selectors import dataset_get, job_get, version_get
 from finetuning.services.jobs import JobError, job_cancel, job_retrain, job_start
 
 POLL_SECONDS = 1.0
@@ -61,7 +61,7 @@ class Command(BaseCommand):
                     raise CommandError(f"no model version named {options['retrain']!r}")
                 job = job_retrain(version=version)
             else:
-                dataset = Dataset.objects.filter(name=options["dataset"]).first()
+                dataset = dataset_get(name=options["dataset"])
                 if dataset is None:
                     raise CommandError(f"no dataset named {options['dataset']!r}")
                 job = job_start(dataset=dataset, hyperparameters=hyperparameters)
@@ -82,7 +82,7 @@ class Command(BaseCommand):
             self._wait(job)
 
     def _job(self, pk):
-        job = FineTuningJob.objects.select_related("dataset").filter(pk=pk).first()
+        job = job_get(pk=pk)
         if job is None:
             raise CommandError(f"no job with id {pk}")
         return job

@@ -1,0 +1,271 @@
+"""Model versions: the decision page, activating, approving, evaluating, retraining and rolling back."""
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils.html import format_html
+
+from finetuning.admin.display import JsonFieldsMixin, loss_chart_display
+from finetuning.admin.playground import PlaygroundMixin
+from finetuning.comparison import comparison_build
+from finetuning.models import Activation, ModelVersion
+from finetuning.selectors import (
+    activations_recent,
+    active_version_get,
+    evaluation_latest,
+    rollback_target,
+    versions_with_latest_scores,
+)
+from finetuning.services.evaluations import EvaluationError, evaluation_start
+from finetuning.services.jobs import JobError, job_retrain
+from finetuning.services.versions import (
+    VersionError,
+    version_activate,
+    version_approval_withdraw,
+    version_approve,
+    version_rollback,
+)
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(PlaygroundMixin, JsonFieldsMixin, admin.ModelAdmin):
+    metrics_hidden = ("loss_history", "validation_history")  # drawn as a chart
+    list_display = (
+        "name", "kind", "is_active", "released", "base_model", "validation_loss", "rouge_l", "created_at",
+        "activated_at",
+    )  # fmt: skip
+    list_filter = ("kind", "is_active")
+    search_fields = ("name",)
+    actions = ("activate_selected",)
+    change_form_template = "admin/finetuning/modelversion/change_form.html"
+    change_list_template = "admin/finetuning/modelversion/change_list.html"
+    fields = (
+        "name",
+        "kind",
+        "is_active",
+        "activated_at",
+        "released",
+        "approved_at",
+        "approved_by",
+        "base_model",
+        "artifact_path",
+        "sha256",
+        "prompt_format_version",
+        "job",
+        "snapshot_display",
+        "hyperparameters_display",
+        "loss_chart",
+        "metrics_display",
+        "created_at",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False  # versions come from fine-tuning jobs and prepare_base_model
+
+    def has_activate_permission(self, request):
+        return request.user.has_perm("finetuning.activate_modelversion")
+
+    @admin.display(description="released to clients", boolean=True)
+    def released(self, obj):
+        return obj.is_released
+
+    @admin.display(description="data snapshot")
+    def snapshot_display(self, obj):
+        if obj.snapshot is None:
+            return "–"
+        return format_html(
+            "{}: {} train, {} validation examples, sha256 <code>{}</code>",
+            obj.snapshot.path,
+            obj.snapshot.train_examples,
+            obj.snapshot.validation_examples,
+            obj.snapshot.sha256,
+        )
+
+    @admin.display(description="loss")
+    def loss_chart(self, obj):
+        metrics = obj.metrics or {}
+        return loss_chart_display(metrics.get("loss_history") or [], metrics.get("validation_history") or []) or "–"
+
+    @admin.display(description="validation loss")
+    def validation_loss(self, obj):
+        value = (obj.metrics or {}).get("validation_loss")
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+    def get_queryset(self, request):
+        return versions_with_latest_scores(super().get_queryset(request))
+
+    @admin.display(description="ROUGE-L")
+    def rouge_l(self, obj):
+        scores = getattr(obj, "scores_succeeded", None) or []
+        value = scores[0].metrics.get("rouge_l") if scores else None
+        return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        version = self.get_object(request, object_id)
+        extra = {}
+        if version is not None:
+            evaluation = evaluation_latest(version=version)
+            extra = {
+                "comparison": comparison_build(evaluation) if evaluation else None,
+                "evaluations": version.evaluations.all()[:10],
+                "rollback_target": rollback_target() if version.is_active else None,
+                "can_activate": self.has_activate_permission(request),
+                "can_evaluate": request.user.has_perm("finetuning.add_evaluation") and version.snapshot_id,
+            }
+        return super().change_view(request, object_id, form_url, {**extra, **(extra_context or {})})
+
+    def changelist_view(self, request, extra_context=None):
+        extra = {
+            "rollback_target": rollback_target(),
+            "active_version": active_version_get(),
+            "activations": activations_recent(10),
+            "can_activate": self.has_activate_permission(request),
+        }
+        return super().changelist_view(request, {**extra, **(extra_context or {})})
+
+    @admin.action(description="Activate the selected version…", permissions=["activate"])
+    def activate_selected(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one version to activate.", messages.ERROR)
+            return None
+        return redirect("admin:finetuning_modelversion_activate", queryset.get().pk)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/activate/",
+                self.admin_site.admin_view(self.activate_view),
+                name="finetuning_modelversion_activate",
+            ),
+            path(
+                "<int:pk>/evaluate/",
+                self.admin_site.admin_view(self.evaluate_view),
+                name="finetuning_modelversion_evaluate",
+            ),
+            path(
+                "<int:pk>/retrain/",
+                self.admin_site.admin_view(self.retrain_view),
+                name="finetuning_modelversion_retrain",
+            ),
+            path(
+                "<int:pk>/approval/",
+                self.admin_site.admin_view(self.approval_view),
+                name="finetuning_modelversion_approval",
+            ),
+            path("rollback/", self.admin_site.admin_view(self.rollback_view), name="finetuning_modelversion_rollback"),
+            *super().get_urls(),
+        ]
+
+    def approval_view(self, request, pk):
+        """Approve a version for clients (any API key may then ask for it by name), or withdraw that."""
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_change", pk)
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        if request.POST.get("approve") == "yes":
+            version_approve(version=version, user=request.user)
+            self.message_user(
+                request, f"{version.name} is approved: every API key may generate with it by name.", messages.SUCCESS
+            )
+        else:
+            version_approval_withdraw(version=version)
+            note = " It stays served to everyone while it is active." if version.is_active else ""
+            self.message_user(
+                request,
+                f"{version.name} is no longer approved: only keys with the models:unreleased scope may use it.{note}",
+                messages.SUCCESS,
+            )
+        return redirect("admin:finetuning_modelversion_change", pk)
+
+    def retrain_view(self, request, pk):
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_change", pk)
+        if not request.user.has_perm("finetuning.add_finetuningjob"):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        try:
+            job = job_retrain(version=version, requested_by=request.user)
+        except JobError as exc:
+            self.message_user(request, f"Not retrained: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        self.message_user(request, f"Job {job.pk} retrains {version.name} on its own snapshot.", messages.SUCCESS)
+        return redirect("admin:finetuning_finetuningjob_change", job.pk)
+
+    def evaluate_view(self, request, pk):
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_change", pk)
+        if not request.user.has_perm("finetuning.add_evaluation"):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        try:
+            evaluation = evaluation_start(version=version, requested_by=request.user)
+        except EvaluationError as exc:
+            self.message_user(request, f"Not evaluated: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        self.message_user(request, f"Evaluation {evaluation.pk} of {version.name} queued.", messages.SUCCESS)
+        return redirect("admin:finetuning_evaluation_change", evaluation.pk)
+
+    def activate_view(self, request, pk):
+        """A confirmation that shows how this version compares with the active one;
+        activating needs the confirm button and the activate permission."""
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        version = get_object_or_404(ModelVersion, pk=pk)
+        if request.method == "POST" and request.POST.get("confirm") == "yes":
+            try:
+                version_activate(
+                    version=version,
+                    user=request.user,
+                    reason=request.POST.get("reason", "")[:1000],
+                    kind=Activation.Kind.MANUAL,
+                    evaluation=evaluation_latest(version=version),
+                )
+            except VersionError as exc:
+                self.message_user(request, f"Not activated: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{version.name} is now the active version.", messages.SUCCESS)
+            return redirect("admin:finetuning_modelversion_change", pk)
+        evaluation = evaluation_latest(version=version)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Activate {version.name}?",
+            "version": version,
+            "active": active_version_get(),
+            "comparison": comparison_build(evaluation) if evaluation else None,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/finetuning/modelversion/activate.html", context)
+
+    def rollback_view(self, request):
+        if request.method != "POST":
+            return redirect("admin:finetuning_modelversion_changelist")
+        if not self.has_activate_permission(request):
+            raise PermissionDenied
+        try:
+            version = version_rollback(user=request.user, reason=request.POST.get("reason", "")[:1000])
+        except VersionError as exc:
+            self.message_user(request, f"Not rolled back: {exc}", messages.ERROR)
+            return redirect("admin:finetuning_modelversion_changelist")
+        self.message_user(request, f"Rolled back: {version.name} is the active version again.", messages.SUCCESS)
+        return redirect("admin:finetuning_modelversion_change", version.pk)
+
+
+@admin.register(Activation)
+class ActivationAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "version", "previous", "kind", "user", "reason")
+    list_filter = ("kind",)
+    list_select_related = ("version", "previous", "user")
+    readonly_fields = ("created_at", "version", "previous", "kind", "user", "reason", "evaluation")
+
+    def has_add_permission(self, request):
+        return False  # activations are recorded by activating
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # the history stays whole
