@@ -6,14 +6,9 @@ import pytest
 from finetuning import store
 from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVersion
 from finetuning.selectors import rollback_target
-from finetuning.services.evaluations import (
-    evaluation_after_job,
-    evaluation_execute,
-    evaluation_start,
-    promotion_consider,
-    promotion_decide,
-)
+from finetuning.services.evaluations import evaluation_after_job, evaluation_execute, evaluation_start
 from finetuning.services.jobs import job_execute, job_start
+from finetuning.services.promotion import promotion_consider, promotion_decide
 from finetuning.services.versions import VersionError, version_activate, version_rollback
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 256}
