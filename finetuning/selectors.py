@@ -35,17 +35,39 @@ def version_list(*, released_only=False):
 
 
 def datasets_with_counts():
-    split = TrainingExample.Split
+    split, review = TrainingExample.Split, TrainingExample.Review
     return Dataset.objects.annotate(
         example_count=Count("examples"),
         train_count=Count("examples", filter=Q(examples__split=split.TRAIN)),
         validation_count=Count("examples", filter=Q(examples__split=split.VALIDATION)),
         unassigned_count=Count("examples", filter=Q(examples__split=split.UNASSIGNED)),
+        feedback_count=Count("examples", filter=Q(examples__source=TrainingExample.Source.FEEDBACK)),
+        approved_count=Count("examples", filter=Q(examples__review=review.APPROVED)),
+        draft_count=Count("examples", filter=Q(examples__review=review.DRAFT)),
+        rejected_count=Count("examples", filter=Q(examples__review=review.REJECTED)),
     )
 
 
+def trainable_reviews(*, dataset):
+    """The review statuses that train in ``dataset``: approved, and drafts while the dataset's
+    ``train_unreviewed`` is on; rejected never."""
+    review = TrainingExample.Review
+    return [review.APPROVED, review.DRAFT] if dataset.train_unreviewed else [review.APPROVED]
+
+
 def trainable_examples(*, dataset):
-    return dataset.examples.order_by("content_hash").values("id", "attributes", "description", "split", "content_hash")
+    """What a job on ``dataset`` trains on (its snapshot and the fine-tune pre-flight both read this)."""
+    return (
+        dataset.examples.filter(review__in=trainable_reviews(dataset=dataset))
+        .order_by("content_hash")
+        .values("id", "attributes", "description", "split", "content_hash")
+    )
+
+
+def review_counts(*, dataset):
+    """{review status: number of examples} for ``dataset``, every status present."""
+    counts = dict(dataset.examples.values_list("review").annotate(n=Count("id")).order_by())
+    return {status: counts.get(status, 0) for status in TrainingExample.Review.values}
 
 
 def evaluation_latest(*, version):

@@ -1,6 +1,7 @@
 """The native API, HTTP only: validate with a serializer, call the services, return JSON."""
 
 import datetime
+import functools
 import json
 import logging
 
@@ -8,6 +9,7 @@ from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -17,7 +19,7 @@ from inference.auth import api_key
 from inference.clients import ClientAPIView
 from inference.generation import GenerationParams
 from inference.loader import model_loaded
-from inference.models import ApiKey
+from inference.models import ApiKey, Generation
 from inference.schema import ErrorSerializer, error_responses, retry_after_headers, sse_schema
 from inference.selectors import usage_days
 from inference.serializers import (
@@ -29,6 +31,7 @@ from inference.serializers import (
     UsageResponseSerializer,
 )
 from inference.services.generation import active_version_warm_start, run_stream, warm_failure
+from inference.services.generation_log import generation_log_enabled, generations_record, run_records
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,65 @@ def _event(name, data):
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-class GenerateView(ClientAPIView):
+CLIENT_LEFT = "the client closed the connection before the answer was complete"
+
+
+class GenerationLogMixin:
+    """Records a generation view's runs in the generation log (services.generation_log) once
+    the client has its answer: a plain response when the server closes it, after the body was
+    sent; a stream when it ends. A write that fails, or waits for a database that is down,
+    then costs the client nothing."""
+
+    log_route = None  # a Generation.Route
+
+    def generation_log(self, request, runs, inputs, *, results=None, error=""):
+        """The log's records of ``runs`` (for ``inputs``, what each was asked), their answers
+        ``results`` when they finished, else the text made until ``error``."""
+        if not generation_log_enabled():
+            return []
+        key = api_key(request)
+        user = None if key is not None else request.user
+        records = []
+        for i, run in enumerate(runs):
+            result = results[i] if results is not None and i < len(results) else None
+            run_error = error if result is None else ""
+            if result is not None and any(c["finish_reason"] == "cancelled" for c in result["choices"]):
+                run_error = CLIENT_LEFT
+            records += run_records(
+                route=self.log_route,
+                run=run,
+                input=inputs[i],
+                result=result,
+                error=run_error,
+                unfinished_reason="cancelled" if run_error == CLIENT_LEFT else "timeout",
+                api_key=key,
+                user=user,
+            )
+        return records
+
+    def generation_log_results(self, request, runs, inputs):
+        """Wait for ``runs`` (ClientAPIView.results) and log them, the answers or the error,
+        when the response has been sent."""
+        try:
+            results = self.results(request, runs)
+        except APIException as exc:
+            request.generation_records = self.generation_log(request, runs, inputs, error=str(exc.detail))
+            raise
+        request.generation_records = self.generation_log(request, runs, inputs, results=results)
+        return results
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        records = getattr(request, "generation_records", None)
+        if records:
+            # Run by response.close(), which the server calls once the body is sent.
+            response._resource_closers.append(functools.partial(generations_record, records=records))
+        return response
+
+
+class GenerateView(GenerationLogMixin, ClientAPIView):
     scope = ApiKey.Scope.GENERATE
+    log_route = Generation.Route.API
 
     @extend_schema(
         operation_id="generate",
@@ -168,27 +228,38 @@ class GenerateView(ClientAPIView):
             max_tokens=params.max_new_tokens * params.num_return_sequences,
             field="prompt" if "prompt" in data else "product",
         )
+        # What the model was asked, as validated (a product's attributes normalised, as an example stores them).
+        asked = {"prompt": data["prompt"]} if "prompt" in data else {"product": data["product"]}
         if data["stream"]:
-            response = StreamingHttpResponse(self._events(request, run), content_type="text/event-stream")
+            response = StreamingHttpResponse(self._events(request, run, asked), content_type="text/event-stream")
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"  # nginx: pass each event on as it comes
             return response
-        [body] = self.results(request, [run])
+        [body] = self.generation_log_results(request, [run], [asked])
         return Response(body)
 
-    def _events(self, request, run):
+    def _events(self, request, run, asked):
         failed = True
+        result, error = None, CLIENT_LEFT
         try:
             for event in run_stream(run):
                 if event[0] == "chunk":
                     yield _event("chunk", {"index": event[1], "text": event[2]})
                 elif event[0] == "done":
                     failed = False
+                    result = event[1]
                     yield _event("done", event[1])
                 else:
-                    yield _event("error", {"detail": str(event[1]), "status": 504})
+                    error = str(event[1])
+                    yield _event("error", {"detail": error, "status": 504})
         finally:
             self.stream_end(request, [run], error=failed)
+            # The stream has ended: the client has all it will get, the write costs it nothing.
+            generations_record(
+                records=self.generation_log(
+                    request, [run], [asked], results=None if result is None else [result], error=error
+                )
+            )
 
 
 class ModelListView(ClientAPIView):

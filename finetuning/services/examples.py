@@ -2,6 +2,7 @@ import hashlib
 import json
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from finetuning.attributes import AttributeValueError, attributes_normalize, description_normalize
 from finetuning.models import TrainingExample
@@ -53,9 +54,10 @@ def example_duplicate_get(*, dataset, content_hash_, exclude_pk=None):
     return TrainingExample.objects.filter(dataset=dataset, content_hash=content_hash_).exclude(pk=exclude_pk).first()
 
 
-def example_save(*, example, dataset, attributes, description, split, source=None):
-    """Create (``example.pk`` is None) or update one example after cleaning it.
-    Raises ExampleError naming the field, also for a duplicate in the dataset."""
+def example_save(*, example, dataset, attributes, description, split, source=None, review=None):
+    """Create (``example.pk`` is None) or update one example after cleaning it (``source``,
+    ``review``: None keeps the example's own). Raises ExampleError naming the field, also for a
+    duplicate in the dataset."""
     fields = example_clean(attributes=attributes, description=description, split=split)
     duplicate = example_duplicate_get(dataset=dataset, content_hash_=fields["content_hash"], exclude_pk=example.pk)
     if duplicate:
@@ -63,6 +65,10 @@ def example_save(*, example, dataset, attributes, description, split, source=Non
     example.dataset = dataset
     if source:
         example.source = source
+    if review:
+        if review not in TrainingExample.Review.values:
+            raise ExampleError("review", f"{review!r} is not one of {', '.join(TrainingExample.Review.values)}")
+        example.review = review
     for key, value in fields.items():
         setattr(example, key, value)
     try:
@@ -84,3 +90,12 @@ def example_create(
         split=split,
         source=source,
     )
+
+
+def examples_review_set(*, examples, review):
+    """Set the review status of the ``examples`` queryset in one UPDATE; returns how many
+    changed (those already in ``review`` are left as they are)."""
+    if review not in TrainingExample.Review.values:
+        raise ExampleError("review", f"{review!r} is not one of {', '.join(TrainingExample.Review.values)}")
+    # update() skips auto_now: stamp it, so the list's "updated" says when it was reviewed.
+    return examples.exclude(review=review).update(review=review, updated_at=timezone.now())

@@ -1,5 +1,9 @@
 """Data snapshots: a dataset's trainable examples frozen into a JSONL file.
 
+Which examples train is the review's call (selectors.trainable_examples): approved ones, drafts
+while the dataset's ``train_unreviewed`` is on, rejected ones never; the snapshot's note says
+what review left out.
+
 A job trains from its snapshot file, never from the live rows, so edits made
 while it is queued or running do not change what it learns, and any version
 can be retrained on exactly its data.
@@ -14,7 +18,7 @@ from django.db import IntegrityError, transaction
 
 from finetuning import store
 from finetuning.models import DataSnapshot, TrainingExample
-from finetuning.selectors import trainable_examples
+from finetuning.selectors import review_counts, trainable_examples
 
 VALIDATION_PERCENT = 10
 # Below this many unassigned examples a validation split costs more than it tells.
@@ -66,13 +70,52 @@ def _split_note(rows, validation):
     return "validation: " + ", ".join(parts)
 
 
+def _review_left_out(dataset):
+    """What review status kept out of training, in words ("" when nothing), and the counts."""
+    counts = review_counts(dataset=dataset)
+    review = TrainingExample.Review
+    left = []
+    if not dataset.train_unreviewed and counts[review.DRAFT]:
+        left.append(f"{counts[review.DRAFT]} draft{'s' if counts[review.DRAFT] != 1 else ''}")
+    if counts[review.REJECTED]:
+        left.append(f"{counts[review.REJECTED]} rejected")
+    return " and ".join(left), counts
+
+
+def _no_rows_message(dataset):
+    left, counts = _review_left_out(dataset)
+    total = sum(counts.values())
+    if not total:
+        return f"dataset {dataset.name} has no examples to train on"
+    how = (
+        "approved and draft examples train, rejected ones never"
+        if dataset.train_unreviewed
+        else "only approved examples train (the dataset's 'train unreviewed' is off)"
+    )
+    return (
+        f"dataset {dataset.name} has no examples to train on after review: of its {total} examples, "
+        f"{left} are left out and none is approved; {how}"
+    )
+
+
+def _review_note(dataset, trained):
+    """The snapshot note's part on review: what it left out, and a warning when few remain."""
+    left, _ = _review_left_out(dataset)
+    if not left:
+        return ""
+    note = f"; review left out {left}"
+    if trained < MIN_EXAMPLES_FOR_SPLIT:
+        note += f": only {trained} example{'s' if trained != 1 else ''} to train on"
+    return note
+
+
 def snapshot_freeze(*, dataset):
     """Write the dataset's trainable examples, with their resolved splits, to
     ``snapshots/<sha256>.jsonl`` and return its DataSnapshot (the same row when
     nothing changed since the last freeze)."""
     rows = list(trainable_examples(dataset=dataset))
     if not rows:
-        raise SnapshotError(f"dataset {dataset.name} has no examples to train on")
+        raise SnapshotError(_no_rows_message(dataset))
     train, validation = split_examples(rows)
     if not train:
         raise SnapshotError(f"dataset {dataset.name} has no training examples (every example is in validation)")
@@ -117,7 +160,7 @@ def snapshot_freeze(*, dataset):
                 examples=len(rows),
                 train_examples=len(train),
                 validation_examples=len(validation),
-                note=_split_note(rows, validation),
+                note=(_split_note(rows, validation) + _review_note(dataset, len(rows)))[:300],
             )
     except IntegrityError:  # frozen at the same moment by another start
         return DataSnapshot.objects.get(sha256=sha)

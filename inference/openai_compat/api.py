@@ -14,10 +14,11 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from finetuning.selectors import version_list
+from inference.api import CLIENT_LEFT, GenerationLogMixin
 from inference.clients import ClientAPIView
 from inference.errors import openai_error, openai_exception_handler
 from inference.generation import GenerationParams
-from inference.models import ApiKey
+from inference.models import ApiKey, Generation
 from inference.openai_compat.serializers import (
     ChatCompletionRequestSerializer,
     ChatCompletionSerializer,
@@ -28,6 +29,7 @@ from inference.openai_compat.serializers import (
 )
 from inference.schema import error_responses, retry_after_headers, sse_schema
 from inference.services.generation import run_stream
+from inference.services.generation_log import generations_record
 
 ACTIVE = "active"
 _TAGS = ["OpenAI-compatible"]
@@ -96,8 +98,9 @@ class ModelDetailView(OpenAIView):
         return Response(_model(model if model == ACTIVE else version.name, created))
 
 
-class _GenerateView(OpenAIView):
-    """What completions and chat completions share: one flow, two shapes."""
+class _GenerateView(GenerationLogMixin, OpenAIView):
+    """What completions and chat completions share: one flow, two shapes. The generation
+    log gets one record per returned text (n texts for each prompt), as the native API's."""
 
     scope = ApiKey.Scope.GENERATE
     serializer_class = None
@@ -126,13 +129,13 @@ class _GenerateView(OpenAIView):
         if data.get("stream"):
             include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
             response = StreamingHttpResponse(
-                self._events(request, runs, answer, params.num_return_sequences, include_usage),
+                self._events(request, runs, inputs, answer, params.num_return_sequences, include_usage),
                 content_type="text/event-stream",
             )
             response["Cache-Control"] = "no-cache"
             response["X-Accel-Buffering"] = "no"
             return response
-        results = self.results(request, runs)
+        results = self.generation_log_results(request, runs, inputs)
         choices = []
         for offset, result in enumerate(results):
             for choice in result["choices"]:
@@ -141,7 +144,7 @@ class _GenerateView(OpenAIView):
         usage = _usage(results)
         return Response({**answer, "object": self.object_name, "choices": choices, "usage": usage})
 
-    def _events(self, request, runs, answer, n, include_usage):
+    def _events(self, request, runs, inputs, answer, n, include_usage):
         """OpenAI's stream: ``data: {chunk}`` lines, usage in a last chunk when asked, then
         ``data: [DONE]``; a timeout ends it with ``data: {"error": ...}``."""
         base = {**answer, "object": f"{self.object_name}.chunk" if self.chat else self.object_name}
@@ -151,16 +154,17 @@ class _GenerateView(OpenAIView):
             return _data({**base, "choices": choices, **extra, **more})
 
         failed = True
+        results, error = [], CLIENT_LEFT
         try:
             if self.chat:
                 yield chunk([self.delta(i, role=True) for i in range(n * len(runs))])
-            results = []
             for offset, run in enumerate(runs):
                 for event in run_stream(run):
                     if event[0] == "chunk":
                         yield chunk([self.delta(offset * n + event[1], text=event[2])])
                     elif event[0] == "error":
-                        yield _data(openai_error(str(event[1]), type="server_error", code="timeout"))
+                        error = str(event[1])
+                        yield _data(openai_error(error, type="server_error", code="timeout"))
                         return
                     else:
                         results.append(event[1])
@@ -178,6 +182,8 @@ class _GenerateView(OpenAIView):
             for run in runs:
                 run.generation.cancel()
             self.stream_end(request, runs, error=failed)
+            # The stream has ended: the client has all it will get, the write costs it nothing.
+            generations_record(records=self.generation_log(request, runs, inputs, results=results, error=error))
 
 
 def _data(body):
@@ -207,6 +213,7 @@ _SHARED_ERRORS = error_responses(
 
 
 class CompletionView(_GenerateView):
+    log_route = Generation.Route.COMPLETIONS
     serializer_class = CompletionRequestSerializer
     object_name = "text_completion"
     id_prefix = "cmpl"
@@ -253,6 +260,7 @@ class CompletionView(_GenerateView):
 
 
 class ChatCompletionView(_GenerateView):
+    log_route = Generation.Route.CHAT
     serializer_class = ChatCompletionRequestSerializer
     object_name = "chat.completion"
     id_prefix = "chatcmpl"

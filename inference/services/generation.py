@@ -16,13 +16,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Run:
-    """A generation queued for a client: what answers it, and how long loading took."""
+    """A generation queued for a client: what answers it, the exact prompt and parameters
+    (the generation log records them), and how long loading took."""
 
     version: object
     generation: object
     prompt_tokens: int
     started: float
     load_seconds: float
+    prompt: str = ""
+    params: object = None
 
 
 # What a client whose request timed out in the queue is told to wait.
@@ -77,6 +80,8 @@ def generation_begin(*, params, product=None, prompt=None, messages=None, versio
         prompt_tokens=prompt_tokens,
         started=started,
         load_seconds=load_seconds,
+        prompt=prompt_text,
+        params=params,
     )
 
 
