@@ -1,7 +1,6 @@
 """The native API, HTTP only: validate with a serializer, call the services, return JSON."""
 
 import datetime
-import functools
 import json
 import logging
 
@@ -9,14 +8,13 @@ from django.db import connection
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
-from rest_framework.exceptions import APIException
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from finetuning.selectors import active_version_get, version_list
 from inference import limits
 from inference.auth import api_key
-from inference.clients import ClientAPIView
+from inference.clients import CLIENT_LEFT, ClientAPIView, GenerationLogMixin
 from inference.generation import GenerationParams
 from inference.loader import model_loaded
 from inference.models import ApiKey, Generation
@@ -31,7 +29,7 @@ from inference.serializers import (
     UsageResponseSerializer,
 )
 from inference.services.generation import active_version_warm_start, run_stream, warm_failure
-from inference.services.generation_log import generation_log_enabled, generations_record, run_records
+from inference.services.generation_log import generations_record
 
 logger = logging.getLogger(__name__)
 
@@ -61,62 +59,6 @@ _STREAM_ERROR_SCHEMA = {
 
 def _event(name, data):
     return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-CLIENT_LEFT = "the client closed the connection before the answer was complete"
-
-
-class GenerationLogMixin:
-    """Records a generation view's runs in the generation log (services.generation_log) once
-    the client has its answer: a plain response when the server closes it, after the body was
-    sent; a stream when it ends. A write that fails, or waits for a database that is down,
-    then costs the client nothing."""
-
-    log_route = None  # a Generation.Route
-
-    def generation_log(self, request, runs, inputs, *, results=None, error=""):
-        """The log's records of ``runs`` (for ``inputs``, what each was asked), their answers
-        ``results`` when they finished, else the text made until ``error``."""
-        if not generation_log_enabled():
-            return []
-        key = api_key(request)
-        user = None if key is not None else request.user
-        records = []
-        for i, run in enumerate(runs):
-            result = results[i] if results is not None and i < len(results) else None
-            run_error = error if result is None else ""
-            if result is not None and any(c["finish_reason"] == "cancelled" for c in result["choices"]):
-                run_error = CLIENT_LEFT
-            records += run_records(
-                route=self.log_route,
-                run=run,
-                input=inputs[i],
-                result=result,
-                error=run_error,
-                unfinished_reason="cancelled" if run_error == CLIENT_LEFT else "timeout",
-                api_key=key,
-                user=user,
-            )
-        return records
-
-    def generation_log_results(self, request, runs, inputs):
-        """Wait for ``runs`` (ClientAPIView.results) and log them, the answers or the error,
-        when the response has been sent."""
-        try:
-            results = self.results(request, runs)
-        except APIException as exc:
-            request.generation_records = self.generation_log(request, runs, inputs, error=str(exc.detail))
-            raise
-        request.generation_records = self.generation_log(request, runs, inputs, results=results)
-        return results
-
-    def finalize_response(self, request, response, *args, **kwargs):
-        response = super().finalize_response(request, response, *args, **kwargs)
-        records = getattr(request, "generation_records", None)
-        if records:
-            # Run by response.close(), which the server calls once the body is sent.
-            response._resource_closers.append(functools.partial(generations_record, records=records))
-        return response
 
 
 class GenerateView(GenerationLogMixin, ClientAPIView):

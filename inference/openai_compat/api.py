@@ -14,8 +14,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 
 from finetuning.selectors import version_list
-from inference.api import CLIENT_LEFT, GenerationLogMixin
-from inference.clients import ClientAPIView
+from inference.clients import CLIENT_LEFT, ClientAPIView, GenerationLogMixin
 from inference.errors import openai_error, openai_exception_handler
 from inference.generation import GenerationParams
 from inference.models import ApiKey, Generation
