@@ -193,8 +193,9 @@ INFERENCE_MAX_CONTEXT_TOKENS = env.int("INFERENCE_MAX_CONTEXT_TOKENS", default=1
 INFERENCE_QUANTIZE = env.str("INFERENCE_QUANTIZE", default="none")
 # Where the native decode kernels (inference/native/kernels.cpp) are compiled on first use.
 INFERENCE_NATIVE_DIR = Path(env("INFERENCE_NATIVE_DIR", default=str(VAR_DIR / "native")))
-# How many model versions one process keeps in memory (least recently used goes).
-INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default=2)
+# How many model versions one process keeps in memory (least recently used goes). Three: the
+# admin playground runs a version beside the active one and the base (about 0.55 GB each in fp32).
+INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default=3)
 # torch threads per process; 0 keeps torch's default. On a box shared by web
 # workers and a training worker, one thread each avoids oversubscription.
 INFERENCE_TORCH_THREADS = env.int("INFERENCE_TORCH_THREADS", default=0)
