@@ -1,15 +1,39 @@
 """Admin forms: curators edit attributes as fields, not as raw JSON."""
 
 import json
+from dataclasses import fields as dataclass_fields
 
 from django import forms
+from django.utils.html import format_html, format_html_join
 
 from finetuning.attributes import KNOWN_KEYS, LIST_KEYS
-from finetuning.hyperparameters import METHODS, Hyperparameters
+from finetuning.hyperparameters import METHODS, PRESETS, Hyperparameters
 from finetuning.models import TrainingExample
 from finetuning.services.examples import ExampleError, example_clean, example_duplicate_get
 
 ATTRIBUTE_FIELDS = ("name", "category", "color", "brand", "audience", "price", "currency", "features", "keywords")
+
+
+class LinesField(forms.CharField):
+    """One value per line. Browsers send a textarea's lines joined by CRLF: they are read
+    back joined by LF, as the form shows them, so that an untouched list is unchanged."""
+
+    widget = forms.Textarea
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        return "\n".join(value.splitlines()) if value else value
+
+
+def _as_text(value):
+    """An attribute as its form field holds it: the text a curator sees and sends back
+    (a price of 45.0 as "45.0", a list one item per line), so that an untouched field
+    compares equal to what comes back and the history names only real changes."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "\n".join(str(item) for item in value)
+    return str(value)
 
 
 class TrainingExampleForm(forms.ModelForm):
@@ -20,8 +44,8 @@ class TrainingExampleForm(forms.ModelForm):
     audience = forms.CharField(max_length=500, required=False, help_text="Who it is for: Women, Kids, Home cooks, …")
     price = forms.CharField(max_length=50, required=False)
     currency = forms.CharField(max_length=10, required=False)
-    features = forms.CharField(widget=forms.Textarea(attrs={"rows": 4}), required=False, help_text="One per line.")
-    keywords = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, help_text="One per line.")
+    features = LinesField(widget=forms.Textarea(attrs={"rows": 4}), required=False, help_text="One per line.")
+    keywords = LinesField(widget=forms.Textarea(attrs={"rows": 2}), required=False, help_text="One per line.")
     other_attributes = forms.JSONField(
         required=False,
         initial=dict,
@@ -37,8 +61,7 @@ class TrainingExampleForm(forms.ModelForm):
         super().__init__(*args, **kwargs)
         attributes = dict(self.instance.attributes or {})
         for key in ATTRIBUTE_FIELDS:
-            value = attributes.pop(key, "")
-            self.initial[key] = "\n".join(value) if isinstance(value, list) else value
+            self.initial[key] = _as_text(attributes.pop(key, None))
         self.initial["other_attributes"] = attributes
 
     def attributes(self):
@@ -77,11 +100,59 @@ class TrainingExampleForm(forms.ModelForm):
         return data
 
 
+HYPERPARAMETER_NAMES = tuple(f.name for f in dataclass_fields(Hyperparameters))
+
+
+def _preset_values(hp):
+    """Hyperparameters as the fine-tune form's fields hold them."""
+    values = hp.as_dict()
+    values["lora_target_modules"] = ",".join(values["lora_target_modules"])
+    return values
+
+
 class FineTuneForm(forms.Form):
     """Every hyperparameter, with its default; bounds are checked by
-    hyperparameters_parse, the same check the API and the command use."""
+    hyperparameters_parse, the same check the API and the command use.
+    A preset only fills the fields: what is submitted is what trains."""
+
+    fieldsets = (
+        ("Preset", {"fields": ("preset",)}),
+        (
+            "Training",
+            {
+                "fields": (
+                    "method",
+                    ("epochs", "max_steps"),
+                    ("batch_size", "gradient_accumulation_steps"),
+                    ("learning_rate", "warmup_ratio"),
+                    "weight_decay",
+                    "eval_steps",
+                    "seed",
+                )
+            },
+        ),
+        (
+            "LoRA",
+            {
+                "fields": (("lora_r", "lora_alpha"), "lora_dropout", "lora_target_modules"),
+                "description": "Used when the method is lora.",
+            },
+        ),
+        ("Data", {"fields": ("max_seq_length", "name_product")}),
+    )
 
     _defaults = Hyperparameters()
+    preset = forms.ChoiceField(
+        choices=[("", "— custom —"), *((p.name, p.label) for p in PRESETS.values())],
+        required=False,
+        initial="default",
+        help_text=format_html(
+            "{}<div>Choosing one fills the fields below; every value stays editable.</div>",
+            format_html_join(
+                "", "<div><strong>{}</strong>: {}</div>", ((p.label, p.description) for p in PRESETS.values())
+            ),
+        ),
+    )
     method = forms.ChoiceField(
         choices=[(m, m) for m in METHODS],
         initial=_defaults.method,
@@ -92,11 +163,17 @@ class FineTuneForm(forms.Form):
     learning_rate = forms.FloatField(initial=_defaults.learning_rate, help_text="Try 1e-5 to 5e-5 for full.")
     batch_size = forms.IntegerField(initial=_defaults.batch_size)
     gradient_accumulation_steps = forms.IntegerField(
-        initial=_defaults.gradient_accumulation_steps, help_text="Batches per optimiser step."
+        initial=_defaults.gradient_accumulation_steps,
+        label="Accumulation steps",
+        help_text="Batches per optimiser step.",
     )
     warmup_ratio = forms.FloatField(initial=_defaults.warmup_ratio, help_text="Share of steps with a rising rate.")
     weight_decay = forms.FloatField(initial=_defaults.weight_decay)
-    max_seq_length = forms.IntegerField(initial=_defaults.max_seq_length, help_text="Prompt and description tokens.")
+    max_seq_length = forms.IntegerField(
+        initial=_defaults.max_seq_length,
+        help_text="Prompt and description tokens. A description that does not fit is cut short; "
+        "an example whose prompt alone fills it is skipped. The pre-flight below counts both.",
+    )
     seed = forms.IntegerField(initial=_defaults.seed, help_text="Same data, settings and seed: same model.")
     eval_steps = forms.IntegerField(
         initial=_defaults.eval_steps, help_text="Validation loss every this many steps; 0: after each epoch."
@@ -108,6 +185,7 @@ class FineTuneForm(forms.Form):
         initial=",".join(_defaults.lora_target_modules),
         label="LoRA target modules",
         help_text="Comma-separated module names.",
+        widget=forms.TextInput(attrs={"size": 60}),
     )
     name_product = forms.BooleanField(
         required=False,
@@ -116,6 +194,26 @@ class FineTuneForm(forms.Form):
         help_text="Train on descriptions that name the product: those that do not are opened with its name. "
         "Off: learn the descriptions exactly as written.",
     )
+    # The number of examples the curator agreed to train on when too many would be skipped:
+    # a confirmation holds only for the numbers it was given.
+    confirm_examples = forms.IntegerField(required=False, initial="", widget=forms.HiddenInput)
+
+    def __init__(self, *args, preset=None, **kwargs):
+        """``preset``: start an unbound form from that preset's values."""
+        super().__init__(*args, **kwargs)
+        if preset in PRESETS:
+            self.initial = {**self.initial, **_preset_values(PRESETS[preset].hyperparameters), "preset": preset}
+
+    @staticmethod
+    def preset_values():
+        """Each preset's field values, for the page's script that fills the form."""
+        return {name: _preset_values(preset.hyperparameters) for name, preset in PRESETS.items()}
+
+    def hyperparameters(self):
+        """The submitted hyperparameters (after is_valid), or the initial ones of an unbound form."""
+        if not self.is_bound:
+            return {name: self.initial.get(name, self.fields[name].initial) for name in HYPERPARAMETER_NAMES}
+        return {name: self.cleaned_data.get(name) for name in HYPERPARAMETER_NAMES}
 
 
 def json_pretty(value):

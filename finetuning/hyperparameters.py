@@ -42,6 +42,41 @@ class Hyperparameters:
         return data
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named set of hyperparameters the fine-tune form fills in; every value stays editable."""
+
+    name: str
+    label: str
+    description: str
+    hyperparameters: Hyperparameters
+
+
+PRESETS = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "quick_check",
+            "Quick check",
+            "20 steps of LoRA r 8: minutes, to see that the data and settings train at all; not a model to ship.",
+            Hyperparameters(epochs=1, max_steps=20, lora_r=8, lora_alpha=16),
+        ),
+        Preset(
+            "default",
+            "Default",
+            "The recipe measured on the adidas data (docs/REPORT.md): 2 epochs of LoRA r 16 at 4e-4, 256 tokens.",
+            Hyperparameters(),
+        ),
+        Preset(
+            "thorough",
+            "Thorough",
+            "3 epochs of LoRA r 32 with room for 384 tokens and a validation loss every 50 steps: "
+            "half as many steps again as the default.",
+            Hyperparameters(epochs=3, learning_rate=3e-4, lora_r=32, lora_alpha=64, max_seq_length=384, eval_steps=50),
+        ),
+    )
+}
+
 # name: (type, low, high) — inclusive bounds
 BOUNDS = {
     "epochs": (int, 1, 50),

@@ -27,6 +27,7 @@ class TrainingResult:
     skipped_examples: int
     final_train_loss: float
     validation_loss: float | None
+    truncated_examples: int = 0
     loss_history: list = field(default_factory=list)
     validation_history: list = field(default_factory=list)
     real_tokens: int = 0
@@ -44,6 +45,7 @@ class TrainingResult:
             "train_examples": self.train_examples,
             "validation_examples": self.validation_examples,
             "skipped_examples": self.skipped_examples,
+            "truncated_examples": self.truncated_examples,
             "final_train_loss": self.final_train_loss,
             "validation_loss": self.validation_loss,
             "validation_perplexity": math.exp(self.validation_loss) if self.validation_loss is not None else None,
@@ -52,6 +54,9 @@ class TrainingResult:
             "padding_share": self.padding_share,
             "target_tokens": self.target_tokens,
             "target_tokens_per_second": self.target_tokens / self.train_seconds if self.train_seconds else None,
+            # Every token the steps processed, prompts included: what the fine-tune form's estimate scales by.
+            "real_tokens": self.real_tokens,
+            "tokens_per_second": self.real_tokens / self.train_seconds if self.train_seconds else None,
             "seconds": round(self.seconds, 2),
             "train_seconds": round(self.train_seconds, 2),
             "device": self.device,
@@ -63,20 +68,73 @@ class TrainingResult:
         return 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
 
 
+@dataclass
+class Encoded:
+    """(prompt, completion) pairs as training sees them at one ``max_length``: the rows
+    that train, and what became of every example. The fine-tune form's pre-flight
+    reads the same object, so the counts it shows are the ones training gets."""
+
+    items: list  # (input_ids, labels) of the examples that train, in the order given
+    prompt_lengths: list  # tokens of every example's prompt, kept or not
+    completion_lengths: list  # tokens of every example's completion (description and end marker)
+    max_length: int
+    skipped: int = 0  # nothing of the completion fits after the prompt: not trained on
+    truncated: int = 0  # trained on, with the completion cut short
+
+    @property
+    def needed_lengths(self):
+        """The max_length at which each example would fit whole."""
+        return [p + c for p, c in zip(self.prompt_lengths, self.completion_lengths, strict=True)]
+
+    @property
+    def input_tokens(self):
+        """Tokens the kept examples put through the model, once per pass over them."""
+        return sum(len(input_ids) for input_ids, _ in self.items)
+
+    @property
+    def target_tokens(self):
+        """Completion tokens that train, once per pass over the examples."""
+        return sum(
+            min(c, self.max_length - p)
+            for p, c in zip(self.prompt_lengths, self.completion_lengths, strict=True)
+            if p < self.max_length
+        )
+
+
+def fit(prompt_ids, completion_ids, max_length):
+    """(input_ids, labels) of one example cut to ``max_length``, prompt tokens masked;
+    None when not one completion token fits."""
+    input_ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return input_ids, labels
+
+
 def encode(tokenizer, pairs, max_length):
-    """(prompt, completion) pairs -> list of (input_ids, labels); prompt tokens
-    are masked. Examples whose completion does not fit at all are dropped."""
-    encoded, skipped = [], 0
-    for prompt, completion in pairs:
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        input_ids = (prompt_ids + completion_ids)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            skipped += 1
+    """(prompt, completion) pairs -> Encoded; examples whose completion does not fit
+    at all are dropped (``skipped``), those cut short are counted (``truncated``)."""
+    pairs = list(pairs)
+    if not pairs:
+        return Encoded(items=[], prompt_lengths=[], completion_lengths=[], max_length=max_length)
+    # One call per side: a fast tokenizer encodes a list in parallel, with the same ids as one by one.
+    prompts = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False)["input_ids"]
+    completions = tokenizer([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
+    encoded = Encoded(
+        items=[],
+        prompt_lengths=[len(ids) for ids in prompts],
+        completion_lengths=[len(ids) for ids in completions],
+        max_length=max_length,
+    )
+    for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
+        item = fit(prompt_ids, completion_ids, max_length)
+        if item is None:
+            encoded.skipped += 1
             continue
-        encoded.append((input_ids, labels))
-    return encoded, skipped
+        if len(prompt_ids) + len(completion_ids) > max_length:
+            encoded.truncated += 1
+        encoded.items.append(item)
+    return encoded
 
 
 def length_grouped_batches(lengths, batch_size, rng):
@@ -300,8 +358,9 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = _load_model(base_dir, hp, device)
 
-    train_set, skipped = encode(tokenizer, train_pairs, hp.max_seq_length)
-    validation_set, skipped_validation = encode(tokenizer, validation_pairs, hp.max_seq_length)
+    train_encoded = encode(tokenizer, train_pairs, hp.max_seq_length)
+    validation_encoded = encode(tokenizer, validation_pairs, hp.max_seq_length)
+    train_set, validation_set = train_encoded.items, validation_encoded.items
     if not train_set:
         raise ValueError("no training example fits in max_seq_length tokens")
 
@@ -372,7 +431,8 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
         steps=step,
         train_examples=len(train_set),
         validation_examples=len(validation_set),
-        skipped_examples=skipped + skipped_validation,
+        skipped_examples=train_encoded.skipped + validation_encoded.skipped,
+        truncated_examples=train_encoded.truncated + validation_encoded.truncated,
         final_train_loss=last_loss,
         validation_loss=validations[-1][1] if validations else None,
         loss_history=history,

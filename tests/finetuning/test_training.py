@@ -47,7 +47,7 @@ def test_shared_prefix_and_target_only_head_give_the_textbook_loss_and_gradients
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     hp = hyperparameters_parse({"method": method, "lora_dropout": 0})
     model = _load_model(tiny_checkpoint, hp, "cpu")
-    items, _ = encode(tokenizer, _pairs(6), 256)
+    items = encode(tokenizer, _pairs(6), 256).items
     input_ids, attention, labels = collate(items, tokenizer.pad_token_id)
     prefix = shared_prefix_length(items)
     assert prefix > 20  # the system message and instruction are shared
@@ -63,6 +63,54 @@ def test_shared_prefix_and_target_only_head_give_the_textbook_loss_and_gradients
         (p.grad for p in model.parameters() if p.requires_grad), expected_grads, strict=True
     ):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_encode_cuts_long_descriptions_and_skips_examples_whose_prompt_fills_the_length(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    pairs = _pairs(12)
+    one_by_one = [
+        (tokenizer(p, add_special_tokens=False)["input_ids"], tokenizer(c, add_special_tokens=False)["input_ids"])
+        for p, c in pairs
+    ]
+    prompt_lengths = sorted(len(p) for p, _ in one_by_one)
+    # Between the shortest and the longest prompt: some prompts fill it, others leave room.
+    max_length = prompt_lengths[len(prompt_lengths) // 2] + 1
+    encoded = encode(tokenizer, pairs, max_length)
+
+    expected_skipped = sum(1 for p, _ in one_by_one if len(p) >= max_length)
+    expected_truncated = sum(1 for p, c in one_by_one if len(p) < max_length < len(p) + len(c))
+    assert 0 < encoded.skipped == expected_skipped
+    assert 0 < encoded.truncated == expected_truncated
+    assert len(encoded.items) == len(pairs) - expected_skipped
+    assert encoded.needed_lengths == [len(p) + len(c) for p, c in one_by_one]  # the same ids as one by one
+    kept = [(p, c) for p, c in one_by_one if len(p) < max_length]
+    for (input_ids, labels), (prompt_ids, completion_ids) in zip(encoded.items, kept, strict=True):
+        assert input_ids == (prompt_ids + completion_ids)[:max_length] and len(labels) == len(input_ids)
+        assert labels[: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    assert encoded.target_tokens == sum(min(len(c), max_length - len(p)) for p, c in kept)
+
+    whole = encode(tokenizer, pairs, 4096)
+    assert whole.skipped == whole.truncated == 0 and len(whole.items) == len(pairs)
+    assert encode(tokenizer, [], 64).items == []
+
+
+def test_training_records_skipped_and_truncated_examples(tiny_checkpoint, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    pairs, validation = _pairs(12), _pairs(4, offset=30)
+    prompt_lengths = sorted(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p, _ in pairs)
+    max_length = max(prompt_lengths[len(prompt_lengths) // 2] + 1, 32)
+    hp = hyperparameters_parse({"max_steps": 1, "batch_size": 4, "max_seq_length": max_length})
+    result = train(base_dir=tiny_checkpoint, train_pairs=pairs, validation_pairs=validation, hp=hp, output_dir=tmp_path)
+    train_encoded, validation_encoded = encode(tokenizer, pairs, max_length), encode(tokenizer, validation, max_length)
+    metrics = result.metrics()
+    assert metrics["skipped_examples"] == train_encoded.skipped + validation_encoded.skipped > 0
+    assert metrics["truncated_examples"] == train_encoded.truncated + validation_encoded.truncated > 0
+    assert metrics["train_examples"] == len(train_encoded.items)
+    assert metrics["real_tokens"] > 0 and metrics["tokens_per_second"] > metrics["target_tokens_per_second"]
 
 
 def test_shared_prefix_stops_before_the_first_target_token():
