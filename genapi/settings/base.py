@@ -110,6 +110,8 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = Path(env("STATIC_ROOT", default=str(VAR_DIR / "static")))
+# Site-wide static files (the favicon, the admin stylesheet); apps bring their own.
+STATICFILES_DIRS = [BASE_DIR / "genapi" / "static"]
 # WhiteNoise serves from here (filled by collectstatic); it must exist even before that.
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 
