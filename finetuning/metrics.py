@@ -24,24 +24,28 @@ class Metric:
     label: str
     better: str  # "higher", "lower", or "" (no better direction: a description of the outputs)
     percent: bool = False  # a 0-1 share, shown as a percentage
+    decimals: int = 2  # shown with at least this many (of the percentage, for a share)
 
 
+# "(evaluation)": training reports a validation loss too, on the same examples cut at its
+# max_seq_length (and without those that do not fit): a different number, never shown
+# under the same name (the version page calls that one "validation loss (training)").
 METRICS = {
-    "validation_loss": Metric("validation loss", "lower"),
-    "perplexity": Metric("perplexity", "lower"),
+    "validation_loss": Metric("validation loss (evaluation)", "lower", decimals=4),
+    "perplexity": Metric("perplexity (evaluation)", "lower"),
     "rouge_l": Metric("ROUGE-L F1", "higher"),
     "chrf": Metric("chrF", "higher"),
     "bleu": Metric("BLEU", "higher"),
-    "attribute_coverage": Metric("attribute coverage", "higher", percent=True),
+    "attribute_coverage": Metric("attribute coverage", "higher", percent=True, decimals=1),
     "mean_words": Metric("mean words", ""),
     "reference_mean_words": Metric("reference mean words", ""),
     "length_ratio": Metric("length ratio to references", ""),
-    "cut_off_share": Metric("cut off by the token limit", "lower", percent=True),
-    "distinct_2": Metric("distinct-2", "higher"),
-    "repeated_4gram_share": Metric("outputs with a repeated 4-gram", "lower", percent=True),
-    "empty_share": Metric("empty outputs", "lower", percent=True),
-    "echo_share": Metric("outputs echoing the prompt", "lower", percent=True),
-    "format_failure_share": Metric("format failures (empty or echo)", "lower", percent=True),
+    "cut_off_share": Metric("cut off by the token limit", "lower", percent=True, decimals=1),
+    "distinct_2": Metric("distinct-2", "higher", decimals=4),
+    "repeated_4gram_share": Metric("outputs with a repeated 4-gram", "lower", percent=True, decimals=1),
+    "empty_share": Metric("empty outputs", "lower", percent=True, decimals=1),
+    "echo_share": Metric("outputs echoing the prompt", "lower", percent=True, decimals=1),
+    "format_failure_share": Metric("format failures (empty or echo)", "lower", percent=True, decimals=1),
 }
 
 
@@ -188,13 +192,52 @@ def loss_metrics(loss):
     return {"validation_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
 
 
-def metric_format(key, value):
+_MOST_DECIMALS = 6
+
+
+def _shown(key, value):
+    """``value`` in the unit it is shown in: a share as a percentage."""
+    metric = METRICS.get(key)
+    return 100 * value if metric and metric.percent else value
+
+
+def metric_format(key, value, decimals=None):
+    """``value`` as shown: a share as a percentage; ``decimals`` (default: the metric's own)."""
     if value is None:
         return "–"
     metric = METRICS.get(key)
-    if metric and metric.percent:
-        return f"{100 * value:.1f}%"
-    return f"{value:.4f}" if key in ("validation_loss", "distinct_2") else f"{value:.2f}"
+    places = decimals if decimals is not None else (metric.decimals if metric else 2)
+    return f"{_shown(key, value):.{places}f}{'%' if metric and metric.percent else ''}"
+
+
+def decimals_to_tell_apart(key, values):
+    """The fewest decimals, at least the metric's own, at which values that differ also
+    read differently: "14.06" beside "14.06" says nothing about which is better."""
+    metric = METRICS.get(key)
+    places = metric.decimals if metric else 2
+    numbers = sorted({_shown(key, value) for value in values if value is not None})
+    while places < _MOST_DECIMALS and len({f"{n:.{places}f}" for n in numbers}) < len(numbers):
+        places += 1
+    return places
+
+
+def metric_amount(key, amount):
+    """An unsigned amount of metric ``key`` (a margin, a tolerance) in the unit it is shown in."""
+    metric = METRICS.get(key)
+    return f"{100 * amount:g} pp" if metric and metric.percent else f"{amount:g}"
+
+
+def metric_delta(key, value, reference, decimals=None):
+    """``value - reference`` signed, in the unit shown (percentage points for a share), with
+    enough decimals that a difference never reads as zero; None when either is missing."""
+    if value is None or reference is None:
+        return None
+    metric = METRICS.get(key)
+    places = decimals if decimals is not None else (metric.decimals if metric else 2)
+    delta = _shown(key, value) - _shown(key, reference)
+    while places < _MOST_DECIMALS and delta and float(f"{delta:.{places}f}") == 0:
+        places += 1
+    return f"{delta:+.{places}f}{' pp' if metric and metric.percent else ''}"
 
 
 def is_worse(key, value, reference, *, tolerance=0.0):

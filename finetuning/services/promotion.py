@@ -1,12 +1,21 @@
 """The promotion gate: whether a freshly evaluated version replaces the active one, and why."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.utils import timezone
 
-from finetuning.metrics import METRICS, improvement, is_worse, metric_format, promotion_settings_problems
+from finetuning.metrics import (
+    METRICS,
+    decimals_to_tell_apart,
+    improvement,
+    is_worse,
+    metric_amount,
+    metric_delta,
+    metric_format,
+    promotion_settings_problems,
+)
 from finetuning.models import Activation, Evaluation, EvaluationScore
 from finetuning.services.versions import VersionError, version_activate
 
@@ -24,6 +33,9 @@ class PromotionRuleError(Exception):
 class Decision:
     activate: bool
     reason: str
+    # One per metric the gate looked at: {metric, label, rule, candidate, active, passed, reason};
+    # passed is None for a guard the evaluation did not measure (not held against the version).
+    checks: list = field(default_factory=list)
 
 
 def _rule_check():
@@ -33,8 +45,37 @@ def _rule_check():
     return settings.PROMOTION_PRIMARY_METRIC, settings.PROMOTION_GUARD_METRICS
 
 
+def _against(key, ours, theirs):
+    places = decimals_to_tell_apart(key, [ours, theirs])
+    return f"{metric_format(key, ours, places)} against {metric_format(key, theirs, places)}", places
+
+
+def _primary_check(key, ours, theirs):
+    check = {"metric": key, "label": METRICS[key].label, "rule": "primary", "candidate": ours, "active": theirs}
+    if ours is None or theirs is None:
+        return {**check, "passed": False, "reason": "missing from the evaluation"}
+    shown, places = _against(key, ours, theirs)
+    # The gain in the direction that is better, so that a lower loss reads as a positive gain.
+    better, worse = (ours, theirs) if METRICS[key].better == "higher" else (theirs, ours)
+    gain = metric_delta(key, better, worse, places)
+    margin = metric_amount(key, settings.PROMOTION_MARGIN)
+    if improvement(key, ours, theirs) < settings.PROMOTION_MARGIN:
+        return {**check, "passed": False, "reason": f"{shown}: {gain}, less than the required margin of {margin}"}
+    return {**check, "passed": True, "reason": f"{shown}: {gain}, at least the required margin of {margin}"}
+
+
+def _guard_check(key, ours, theirs):
+    check = {"metric": key, "label": METRICS[key].label, "rule": "guard", "candidate": ours, "active": theirs}
+    if ours is None or theirs is None:
+        return {**check, "passed": None, "reason": "not measured in this evaluation: not checked"}
+    shown, _ = _against(key, ours, theirs)
+    if is_worse(key, ours, theirs):
+        return {**check, "passed": False, "reason": f"worse than the active version: {shown}"}
+    return {**check, "passed": True, "reason": f"no worse than the active version: {shown}"}
+
+
 def promotion_decide(evaluation):
-    """Whether ``evaluation``'s version should replace the active one, and why:
+    """Whether ``evaluation``'s version should replace the active one, why, and each check:
     it must have succeeded, beat the active version's primary metric by the margin,
     and be no worse on any guard metric."""
     if evaluation.status != Status.SUCCEEDED:
@@ -45,30 +86,21 @@ def promotion_decide(evaluation):
         return Decision(False, "no version was active to compare with")
     if active.version_id == candidate.version_id:
         return Decision(False, f"{candidate.version.name} was already the active version")
-    ours, theirs = candidate.metrics.get(primary), active.metrics.get(primary)
-    label = METRICS[primary].label
-    if ours is None or theirs is None:
-        return Decision(False, f"{label} is missing from the evaluation")
-    gain = improvement(primary, ours, theirs)
-    if gain < settings.PROMOTION_MARGIN:
-        return Decision(
-            False,
-            f"{label} {metric_format(primary, ours)} against the active version's {metric_format(primary, theirs)}: "
-            f"{gain:+.2f}, less than the required margin of {settings.PROMOTION_MARGIN:g}",
-        )
-    worse = [
-        f"{METRICS[key].label} {metric_format(key, candidate.metrics.get(key))} "
-        f"(active {metric_format(key, active.metrics.get(key))})"
-        for key in guards
-        if is_worse(key, candidate.metrics.get(key), active.metrics.get(key))
-    ]
-    if worse:
-        return Decision(False, f"{label} {gain:+.2f}, but worse on: {'; '.join(worse)}")
-    return Decision(
-        True,
-        f"{label} {metric_format(primary, ours)} against {metric_format(primary, theirs)} ({gain:+.2f}, margin "
-        f"{settings.PROMOTION_MARGIN:g}); no guard metric worse ({', '.join(METRICS[k].label for k in guards)})",
+    first = _primary_check(primary, candidate.metrics.get(primary), active.metrics.get(primary))
+    guarded = [_guard_check(key, candidate.metrics.get(key), active.metrics.get(key)) for key in guards]
+    checks = [first, *guarded]
+    gain = f"{first['label']} {first['reason']}"
+    worse = "; ".join(
+        f"{check['label']} ({_against(check['metric'], check['candidate'], check['active'])[0]})"
+        for check in guarded
+        if check["passed"] is False
     )
+    if not first["passed"]:
+        return Decision(False, f"{gain}{f'; also worse on {worse}' if worse else ''}", checks)
+    if worse:
+        return Decision(False, f"{gain}, but worse on {worse}", checks)
+    held = ", ".join(check["label"] for check in guarded if check["passed"])
+    return Decision(True, f"{gain}; no guard metric worse ({held or 'none checked'})", checks)
 
 
 def promotion_consider(*, evaluation):
@@ -100,6 +132,7 @@ def promotion_consider(*, evaluation):
             "passed": decision.activate,
             "activated": activated,
             "reason": reason,
+            "checks": decision.checks,
             "at": timezone.now().isoformat(),
         }
     )

@@ -1,4 +1,7 @@
+from dataclasses import dataclass
+
 from django.db import transaction
+from django.db.models import Min
 from django.utils import timezone
 
 from finetuning import store
@@ -118,17 +121,64 @@ def version_approval_withdraw(*, version):
     return version
 
 
-@transaction.atomic
-def version_rollback(*, user=None, reason=""):
-    """Re-activate the version that was active before the current one."""
-    list(ModelVersion.objects.select_for_update().filter(is_active=True))
+@dataclass(frozen=True)
+class Reactivation:
+    """The version the last activation replaced, and which way returning to it goes in the
+    activation history: "back" to a version first activated before the current one,
+    "forward" to one first activated after it (the undo of a roll back), or "again"
+    when the history cannot tell (the current version was made active without a record)."""
+
+    version: ModelVersion
+    current: ModelVersion
+    direction: str
+
+    @property
+    def label(self):
+        verb = {"back": "Roll back to", "forward": "Roll forward to"}.get(self.direction, "Re-activate")
+        return f"{verb} {self.version.name}"
+
+    @property
+    def kind(self):
+        # A roll forward is recorded as by hand: a person chose it, and Kind has no other word for it.
+        return Activation.Kind.ROLLBACK if self.direction == "back" else Activation.Kind.MANUAL
+
+
+def reactivation_get():
+    """What undoing the last activation would do (a Reactivation), or None when it cannot."""
     target = rollback_target()
-    if target is None:
-        raise VersionError("there is no earlier active version to roll back to")
     current = ModelVersion.objects.filter(is_active=True).first()
-    return version_activate(
-        version=target,
-        user=user,
-        kind=Activation.Kind.ROLLBACK,
-        reason=reason or f"rolled back from {current.name if current else 'none'}",
+    if target is None or current is None:
+        return None
+    firsts = dict(
+        Activation.objects.filter(version__in=[target, current])
+        .order_by()
+        .values_list("version")
+        .annotate(first=Min("created_at"))
     )
+    ours, theirs = firsts.get(target.pk), firsts.get(current.pk)
+    if ours is None or theirs is None or ours == theirs:
+        direction = "again"
+    else:
+        direction = "back" if ours < theirs else "forward"
+    return Reactivation(version=target, current=current, direction=direction)
+
+
+@transaction.atomic
+def version_rollback(*, user=None, reason, expected=None):
+    """Re-activate the version that was active before the current one, recorded as a roll
+    back when that version is older in the activation history (see Reactivation).
+    ``reason`` is required; ``expected``: refuse unless that version is still the one a
+    roll back would activate (the curator confirmed a page that named it)."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise VersionError("say why: the reason is recorded in the activation history")
+    list(ModelVersion.objects.select_for_update().filter(is_active=True))
+    reactivation = reactivation_get()
+    if reactivation is None:
+        raise VersionError("there is no earlier active version to return to")
+    if expected is not None and reactivation.version.pk != expected.pk:
+        raise VersionError(
+            f"the active version changed since you asked: undoing the last activation would now activate "
+            f"{reactivation.version.name}, not {expected.name}"
+        )
+    return version_activate(version=reactivation.version, user=user, kind=reactivation.kind, reason=reason)

@@ -123,8 +123,8 @@ def test_a_version_is_activated_from_the_admin_after_a_confirmation(curator, bas
 
     job = job_start(dataset=dataset_factory(), hyperparameters={"max_steps": 1, "batch_size": 4, "max_seq_length": 96})
     version = job_execute(job_id=job.pk)
-    page = curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk]))
-    assert "Activate this version" in page.content.decode()
+    page = curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk])).content.decode()
+    assert f'value="Activate {version.name}"' in page and 'name="reason"' in page
     url = reverse("admin:finetuning_modelversion_activate", args=[version.pk])
     confirmation = curator.get(url)
     assert confirmation.status_code == 200 and "has no finished evaluation" in confirmation.content.decode()
@@ -147,10 +147,11 @@ def test_a_version_is_activated_from_the_admin_after_a_confirmation(curator, bas
         "admin:finetuning_modelversion_activate", args=[base_version.pk]
     )
 
-    # Roll back in one action, from the list.
+    # Roll back from the list, through a page that asks why.
     listing = curator.get(changelist).content.decode()
     assert f"Roll back to {base_version.name}" in listing and "reads better" in listing  # the history
-    curator.post(reverse("admin:finetuning_modelversion_rollback"))
+    rollback = reverse("admin:finetuning_modelversion_rollback")
+    curator.post(rollback, {"version": base_version.pk, "reason": "customers preferred the old texts"})
     assert ModelVersion.objects.get(is_active=True) == base_version
     assert Activation.objects.first().kind == "rollback"
 
@@ -214,7 +215,7 @@ def test_the_version_page_compares_metrics_and_texts_side_by_side(curator, base_
         reverse("admin:finetuning_evaluation_change", args=[evaluation.pk]),
     ):
         page = curator.get(url).content.decode()
-        assert "31.25" in page and "12.50" in page and "better than active" in page, url
+        assert "31.25" in page and "12.50" in page and "▲ +18.75</b> better" in page, url
         assert "Name: Blue Kettle" in page and "A kettle that boils fast." in page
         assert "The Blue Kettle boils water in a minute." in page and "Kettle kettle kettle." in page
         assert "less than the required margin" in page
@@ -313,7 +314,7 @@ def test_a_curator_queues_an_evaluation_from_the_version_page(curator, base_vers
     )
     assert evaluation.status == "queued" and set(held) <= set(evaluation.example_ids)
     page = curator.get(response.url).content.decode()
-    assert "Queued" in page and 'http-equiv="refresh"' in page
+    assert "Queued" in page  # (no refresh while it is queued: the page offers to size it first)
     again = curator.post(url, follow=True).content.decode()
     assert "already has an evaluation queued or running" in again
     assert Evaluation.objects.count() == 1
