@@ -215,6 +215,7 @@ class Activation(models.Model):
         MANUAL = "manual", "By hand"
         AUTO = "auto", "Promotion gate"
         ROLLBACK = "rollback", "Roll back"
+        ROLL_FORWARD = "roll_forward", "Roll forward"
 
     version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="activations")
     previous = models.ForeignKey(

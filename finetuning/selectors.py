@@ -1,4 +1,6 @@
-from django.db.models import Count, Prefetch, Q
+from dataclasses import dataclass
+
+from django.db.models import Count, Min, Prefetch, Q
 
 from finetuning.models import (
     Activation,
@@ -89,6 +91,48 @@ def rollback_target():
     if last is None or last.previous is None or not last.version.is_active:
         return None
     return last.previous
+
+
+@dataclass(frozen=True)
+class Reactivation:
+    """The version the last activation replaced, and which way returning to it goes in the
+    activation history: "back" to a version first activated before the current one,
+    "forward" to one first activated after it (the undo of a roll back), or "again"
+    when the history cannot tell (the current version was made active without a record)."""
+
+    version: ModelVersion
+    current: ModelVersion
+    direction: str
+
+    @property
+    def label(self):
+        verb = {"back": "Roll back to", "forward": "Roll forward to"}.get(self.direction, "Re-activate")
+        return f"{verb} {self.version.name}"
+
+    @property
+    def kind(self):
+        kinds = {"back": Activation.Kind.ROLLBACK, "forward": Activation.Kind.ROLL_FORWARD}
+        return kinds.get(self.direction, Activation.Kind.MANUAL)
+
+
+def reactivation_get():
+    """What undoing the last activation would do (a Reactivation), or None when it cannot."""
+    target = rollback_target()
+    current = ModelVersion.objects.filter(is_active=True).first()
+    if target is None or current is None:
+        return None
+    firsts = dict(
+        Activation.objects.filter(version__in=[target, current])
+        .order_by()
+        .values_list("version")
+        .annotate(first=Min("created_at"))
+    )
+    ours, theirs = firsts.get(target.pk), firsts.get(current.pk)
+    if ours is None or theirs is None or ours == theirs:
+        direction = "again"
+    else:
+        direction = "back" if ours < theirs else "forward"
+    return Reactivation(version=target, current=current, direction=direction)
 
 
 def versions_with_latest_scores(versions=None):

@@ -543,7 +543,8 @@ class Engine:
 
     def target_loss(self, prompt_ids, target_ids, *, adapter=None):
         """(summed negative log-likelihood, token count) of ``target_ids`` after ``prompt_ids``,
-        teacher-forced on these weights (and ``adapter``): the validation loss training reports.
+        teacher-forced on these weights (and ``adapter``): the validation loss training reports when
+        nothing is cut at max_seq_length (training scores examples as cut, and drops those that do not fit).
         One prompt-sized pass outside the batch; it keeps nothing in the cache."""
         import torch
         import torch.nn.functional as F

@@ -23,7 +23,9 @@ class JsonFieldsMixin:
 
 
 def loss_chart_display(train_history, validation_history):
-    return loss_chart([("train loss", "#417690", train_history), ("validation loss", "#d9534f", validation_history)])
+    return loss_chart(
+        [("train loss", "#417690", train_history), ("validation loss (training)", "#d9534f", validation_history)]
+    )
 
 
 def duration_display(seconds):

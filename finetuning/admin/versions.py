@@ -17,13 +17,13 @@ from finetuning.selectors import (
     activations_recent,
     active_version_get,
     evaluation_latest,
+    reactivation_get,
     versions_with_latest_scores,
 )
 from finetuning.services.evaluations import EvaluationError, evaluation_start
 from finetuning.services.jobs import JobError, job_retrain
 from finetuning.services.versions import (
     VersionError,
-    reactivation_get,
     version_activate,
     version_approval_withdraw,
     version_approve,

@@ -1,13 +1,10 @@
-from dataclasses import dataclass
-
 from django.db import transaction
-from django.db.models import Min
 from django.utils import timezone
 
 from finetuning import store
 from finetuning.models import Activation, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION
-from finetuning.selectors import rollback_target
+from finetuning.selectors import reactivation_get
 
 
 class VersionError(Exception):
@@ -119,48 +116,6 @@ def version_approval_withdraw(*, version):
     ModelVersion.objects.filter(pk=version.pk).update(approved_at=None, approved_by=None)
     version.refresh_from_db()
     return version
-
-
-@dataclass(frozen=True)
-class Reactivation:
-    """The version the last activation replaced, and which way returning to it goes in the
-    activation history: "back" to a version first activated before the current one,
-    "forward" to one first activated after it (the undo of a roll back), or "again"
-    when the history cannot tell (the current version was made active without a record)."""
-
-    version: ModelVersion
-    current: ModelVersion
-    direction: str
-
-    @property
-    def label(self):
-        verb = {"back": "Roll back to", "forward": "Roll forward to"}.get(self.direction, "Re-activate")
-        return f"{verb} {self.version.name}"
-
-    @property
-    def kind(self):
-        # A roll forward is recorded as by hand: a person chose it, and Kind has no other word for it.
-        return Activation.Kind.ROLLBACK if self.direction == "back" else Activation.Kind.MANUAL
-
-
-def reactivation_get():
-    """What undoing the last activation would do (a Reactivation), or None when it cannot."""
-    target = rollback_target()
-    current = ModelVersion.objects.filter(is_active=True).first()
-    if target is None or current is None:
-        return None
-    firsts = dict(
-        Activation.objects.filter(version__in=[target, current])
-        .order_by()
-        .values_list("version")
-        .annotate(first=Min("created_at"))
-    )
-    ours, theirs = firsts.get(target.pk), firsts.get(current.pk)
-    if ours is None or theirs is None or ours == theirs:
-        direction = "again"
-    else:
-        direction = "back" if ours < theirs else "forward"
-    return Reactivation(version=target, current=current, direction=direction)
 
 
 @transaction.atomic

@@ -245,7 +245,7 @@ def test_every_activation_is_recorded_and_rollback_reactivates_the_previous_vers
 
 
 def test_undoing_a_rollback_is_a_roll_forward(trained, base_version):
-    from finetuning.services.versions import reactivation_get
+    from finetuning.selectors import reactivation_get
 
     version = trained()
     version_activate(version=version, reason="better")
@@ -255,8 +255,13 @@ def test_undoing_a_rollback_is_a_roll_forward(trained, base_version):
     assert (undo.version, undo.direction, undo.label) == (version, "forward", f"Roll forward to {version.name}")
     version_rollback(reason="fixed", expected=version)
     latest = Activation.objects.first()
-    # Recorded by hand (the kinds have no roll forward), never as a roll back.
-    assert (latest.version, latest.previous, latest.kind, latest.reason) == (version, base_version, "manual", "fixed")
+    # Recorded as a roll forward, never as a roll back.
+    assert (latest.version, latest.previous, latest.kind, latest.reason) == (
+        version,
+        base_version,
+        "roll_forward",
+        "fixed",
+    )
     assert reactivation_get().direction == "back"
     with pytest.raises(VersionError, match="would now activate"):
         version_rollback(reason="stale page", expected=version)

@@ -126,6 +126,6 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Job {job.pk} succeeded in {job.wall_seconds:.0f} s: version {version.name}, final train loss "
             f"{metrics.get('final_train_loss'):.4f}"
-            + (f", validation loss {validation:.4f}" if validation is not None else ", no validation split")
+            + (f", validation loss (training) {validation:.4f}" if validation is not None else ", no validation split")
             + ". Activate it in the admin or with the API."
         )
