@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install install-dev native prepare web worker scheduler report clean
+.PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,13 +50,15 @@ prepare: install
 	$(BIN)/python manage.py ensure_admin
 	$(BIN)/python manage.py apikey create --name development --owner "$${GENAPI_ADMIN_USER:-admin}" --scopes all --if-missing
 
-# Web, a training worker and a scheduler worker (the periodic stale-job check)
-# together; Ctrl-C stops all three. The trap clears itself first: `kill 0` also
+# Web, a training worker, an evaluation worker and a scheduler worker (the periodic
+# stale-job check) together; Ctrl-C stops all four. Evaluations have a worker of their own so
+# that an automatic evaluation never holds a training job back. The trap clears itself first: `kill 0` also
 # signals this shell, and a trap that fires again recurses until bash crashes.
 run: prepare
 	@echo "genapi: http://$(HOST):$(PORT)/admin/  http://$(HOST):$(PORT)/api/docs/"
 	@trap 'trap - INT TERM EXIT; kill 0' INT TERM EXIT; \
 	$(BIN)/celery -A genapi worker -Q training -c 1 --max-tasks-per-child 1 -n training@%h -l info & \
+	$(BIN)/celery -A genapi worker -Q evaluation -c 1 --max-tasks-per-child 1 -n evaluation@%h -l info & \
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info & \
 	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload & \
 	wait -n
@@ -66,6 +68,9 @@ web: install
 
 worker: install
 	$(BIN)/celery -A genapi worker -Q training -c 1 --max-tasks-per-child 1 -n training@%h -l info
+
+evaluator: install
+	$(BIN)/celery -A genapi worker -Q evaluation -c 1 --max-tasks-per-child 1 -n evaluation@%h -l info
 
 scheduler: install
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info

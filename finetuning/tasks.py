@@ -12,15 +12,21 @@ from finetuning.services.jobs import job_execute, jobs_reap_stale, jobs_recheck_
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="finetuning.tasks.job_run")
-def job_run(job_id):
+def _soft_time_limit(request):
+    """The soft time limit the delivered message carries (None when run in-process)."""
+    return (request.timelimit or (None, None))[1]
+
+
+@shared_task(name="finetuning.tasks.job_run", bind=True)
+def job_run(self, job_id):
     # Time limits come with each call, derived from the job (see job_start).
-    job_execute(job_id=job_id)
+    job_execute(job_id=job_id, message_time_limit=_soft_time_limit(self.request))
 
 
-@shared_task(name="finetuning.tasks.evaluation_run")
-def evaluation_run(evaluation_id):
-    evaluation_execute(evaluation_id=evaluation_id)
+@shared_task(name="finetuning.tasks.evaluation_run", bind=True)
+def evaluation_run(self, evaluation_id):
+    # A message sent before the evaluation was sized larger is skipped: see evaluation_resize.
+    evaluation_execute(evaluation_id=evaluation_id, message_time_limit=_soft_time_limit(self.request))
 
 
 def _check(*, worker_start=False):

@@ -24,8 +24,9 @@ def database_url():
 
 @contextmanager
 def celery_worker(log_path, queues="training", **settings_env):
-    """A worker process; keyword arguments become environment variables
-    (settings), e.g. JOB_STALE_AFTER_SECONDS="2"."""
+    """A worker process consuming ``queues`` (comma-separated: "training" takes jobs,
+    "evaluation" evaluations, as `make run` starts one worker for each); keyword
+    arguments become environment variables (settings), e.g. JOB_STALE_AFTER_SECONDS="2"."""
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "genapi.settings.test",

@@ -4,25 +4,67 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.timezone import localtime
 
 from finetuning.admin.display import JsonFieldsMixin, ProgressMixin, duration_display, loss_chart_display
 from finetuning.forms import json_pretty
 from finetuning.models import FineTuningJob
 from finetuning.services.jobs import JobError, job_cancel
+from finetuning.services.workers import queue_words, time_left_words
+
+
+def next_or(request, fallback, *args):
+    """Where a POST from another page (the dashboard) asked to go back to, if it is ours; else ``fallback``."""
+    target = request.POST.get("next", "")
+    if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return redirect(target)
+    return redirect(fallback, *args)
+
+
+class WorkDisplayMixin:
+    """Time left and queue position of a job or an evaluation, in words (services/workers.py),
+    and the narrow columns that keep their lists within a 1366 px screen."""
+
+    @admin.display(description="time left")
+    def eta_display(self, obj):
+        return time_left_words(obj)
+
+    @admin.display(description="time left / place in line")
+    def eta_list(self, obj):
+        if obj.status == "queued":
+            return queue_words(obj, named=1, wait=False)
+        return time_left_words(obj)
+
+    @admin.display(description="progress")
+    def progress_list(self, obj):
+        percent = round(obj.progress * 100)
+        return format_html(
+            '<progress value="{}" max="100" style="width:5em"></progress> {}%<br><small>{}</small>',
+            percent,
+            percent,
+            f"step {obj.step} / {obj.total_steps}" if obj.total_steps else "",
+        )
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished_list(self, obj):
+        return localtime(obj.finished_at).strftime("%Y-%m-%d %H:%M") if obj.finished_at else "–"
+
+    @admin.display(description="queue")
+    def queue_display(self, obj):
+        return queue_words(obj) or "–"
 
 
 @admin.register(FineTuningJob)
-class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
+class FineTuningJobAdmin(WorkDisplayMixin, ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "dataset",
-        "status",
-        "progress_bar",
-        "step_display",
-        "eta_display",
-        "created_at",
-        "finished_at",
+        "status_list",
+        "progress_list",
+        "eta_list",
+        "finished_list",
         "version_link",
     )
     list_filter = ("status", "dataset")
@@ -36,6 +78,8 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
                 "fields": (
                     "dataset",
                     "status",
+                    "queue_display",
+                    "examples_display",
                     "progress_bar",
                     "step_display",
                     "eta_display",
@@ -79,6 +123,60 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
 
     def has_cancel_permission(self, request):
         return request.user.has_perm("finetuning.change_finetuningjob")
+
+    def get_fieldsets(self, request, obj=None):
+        if obj is not None and obj.status != "queued":
+            return [
+                (name, {**options, "fields": [f for f in options["fields"] if f != "queue_display"]})
+                for name, options in self.fieldsets
+            ]
+        return self.fieldsets
+
+    @staticmethod
+    def _example_counts(obj):
+        """(trained on, skipped, truncated) from the job's metrics; None for a count it does not have."""
+        metrics = obj.metrics or {}
+        return metrics.get("train_examples"), metrics.get("skipped_examples"), metrics.get("truncated_examples")
+
+    @admin.display(description="examples")
+    def examples_display(self, obj):
+        trained, skipped, truncated = self._example_counts(obj)
+        if trained is None:
+            planned = obj.snapshot.train_examples if obj.snapshot else None
+            if planned is None:
+                return "–"
+            return (
+                f"{planned} train examples in its snapshot; trained on, skipped and truncated are counted as it trains"
+            )
+        parts = [
+            format_html("<strong>{}</strong> trained on", trained),
+            format_html("<strong>{}</strong> skipped", skipped or 0),
+        ]
+        if truncated is not None:
+            parts.append(format_html("<strong>{}</strong> truncated", truncated))
+        line = format_html_join(" · ", "{}", ((part,) for part in parts))
+        if skipped:
+            max_seq_length = (obj.hyperparameters or {}).get("max_seq_length")
+            return format_html(
+                '<ul class="messagelist" style="margin:0"><li class="warning">{}. {} examples did not fit in '
+                "max_seq_length {} and were left out: this version never saw them.</li></ul>",
+                line,
+                skipped,
+                max_seq_length,
+            )
+        return line
+
+    @admin.display(description="status", ordering="status")
+    def status_list(self, obj):
+        """The status, and under it the examples left out of training, when any were."""
+        _, skipped, _ = self._example_counts(obj)
+        if skipped:
+            return format_html(
+                '{}<br><strong style="color:var(--error-fg)">{} examples skipped</strong>',
+                obj.get_status_display(),
+                skipped,
+            )
+        return obj.get_status_display()
 
     @admin.display(description="loss")
     def loss_chart(self, obj):
@@ -125,6 +223,7 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
         )
 
     def _cancel(self, request, job):
+        """Cancel one job, saying what happened."""
         try:
             job = job_cancel(job=job)
         except JobError as exc:
@@ -156,4 +255,4 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
         if not self.has_cancel_permission(request):
             raise PermissionDenied
         self._cancel(request, get_object_or_404(FineTuningJob, pk=pk))
-        return redirect("admin:finetuning_finetuningjob_change", pk)
+        return next_or(request, "admin:finetuning_finetuningjob_change", pk)

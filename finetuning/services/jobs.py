@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import shutil
-import time
 import uuid
 
 from django.conf import settings
@@ -28,12 +27,16 @@ from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapsh
 from finetuning.services.versions import version_register
 from finetuning.services.workers import (
     BrokerUnavailable,
+    CancelCheck,
     Heartbeat,
-    not_queued_fail,
+    ProgressMeter,
     queued_recheck,
+    seconds_per_step_prior,
     stale_fail,
-    task_publish,
-    worker_name,
+    work_cancel,
+    work_claim,
+    work_publish,
+    work_time_limit,
 )
 from finetuning.training import TrainingCancelled, planned_steps
 
@@ -42,8 +45,6 @@ logger = logging.getLogger(__name__)
 Status = FineTuningJob.Status
 # The loss chart needs a shape, not every step: long runs are averaged down to this many points.
 MAX_HISTORY_POINTS = 500
-# How often a running job looks for a cancel request.
-CANCEL_CHECK_SECONDS = 0.5
 
 
 class JobError(Exception):
@@ -63,14 +64,13 @@ def _base_prepared(base_model):
 
 
 def job_time_limit(*, snapshot, hp):
-    """Seconds a job may run before Celery stops it: a fixed allowance for
-    loading and saving plus a generous budget per token it will process,
-    so a long run is never killed by a default and a hung one is."""
+    """Seconds a job may run before Celery stops it, from the tokens it will process
+    (training steps and validation passes): see work_time_limit."""
     steps = planned_steps(snapshot.train_examples, hp)
     tokens = steps * hp.batch_size * hp.gradient_accumulation_steps * hp.max_seq_length
     evaluations = hp.epochs if not hp.eval_steps else math.ceil(steps / hp.eval_steps) + 1
     tokens += evaluations * snapshot.validation_examples * hp.max_seq_length
-    return int(settings.JOB_TIME_LIMIT_BASE_SECONDS + tokens * settings.JOB_TIME_LIMIT_SECONDS_PER_TOKEN)
+    return work_time_limit(tokens=tokens)
 
 
 def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None):
@@ -101,6 +101,8 @@ def job_start(*, dataset, hyperparameters=None, requested_by=None, snapshot=None
                 snapshot=snapshot,
                 base_model=base_model,
                 hyperparameters=hp.as_dict(),
+                # Planned (training may skip examples): the queue's estimates need a size before it runs.
+                total_steps=planned_steps(snapshot.train_examples, hp),
                 time_limit_seconds=job_time_limit(snapshot=snapshot, hp=hp),
                 requested_by=requested_by,
             )
@@ -146,10 +148,14 @@ def _job_publish(job_id, time_limit):
     from finetuning.tasks import job_run
 
     try:
-        task_publish(job_run, pk=job_id, time_limit=time_limit)
+        work_publish(
+            FineTuningJob,
+            job_run,
+            pk=job_id,
+            time_limit=time_limit,
+            again="Start the job again once the broker is back.",
+        )
     except BrokerUnavailable as exc:
-        if not not_queued_fail(FineTuningJob, job_id, again="Start the job again once the broker is back."):
-            return  # the task got through after all, and a worker has the job
         raise JobNotQueued(
             f"the task broker is not reachable, so job {job_id} could not be queued; it is marked failed and "
             "the dataset is free: try again in a minute"
@@ -159,17 +165,9 @@ def _job_publish(job_id, time_limit):
 def job_cancel(*, job):
     """Cancel a queued job at once, or ask a running one to stop at its next
     step. Raises JobError if the job has already finished."""
-    now = timezone.now()
-    if FineTuningJob.objects.filter(pk=job.pk, status=Status.QUEUED).update(
-        status=Status.CANCELLED, cancel_requested_at=now, finished_at=now, error="cancelled before it started"
-    ):
-        job.refresh_from_db()
-        return job
-    FineTuningJob.objects.filter(pk=job.pk, status=Status.RUNNING, cancel_requested_at__isnull=True).update(
-        cancel_requested_at=now
-    )
+    cancelled = work_cancel(FineTuningJob, job.pk, before_start="cancelled before it started")
     job.refresh_from_db()
-    if job.status in FineTuningJob.FINISHED:
+    if not cancelled and job.status in FineTuningJob.FINISHED:
         raise JobError(f"job {job.pk} has already {job.status}")
     return job
 
@@ -213,46 +211,29 @@ def _downsample(history, limit=MAX_HISTORY_POINTS):
 
 
 class _Progress:
-    """Reports steps, ETA and losses to the job row (throttled), and raises
-    TrainingCancelled at the first step after a cancel request."""
+    """Reports steps, time left and losses to the job row (throttled, see ProgressMeter),
+    and raises TrainingCancelled at the first step after a cancel request."""
 
-    def __init__(self, job_id):
-        self.job_id = job_id
+    def __init__(self, job):
+        self.job_id = job.pk
         self.history = []
         self.validation = []
-        self.last_write = self.last_check = 0.0
-        self.first_step_at = None
+        self.cancel_requested = CancelCheck(FineTuningJob, job.pk)
+        # Measured from the first step on: loading the model is not a training step.
+        self.meter = ProgressMeter(
+            FineTuningJob, job.pk, total=job.total_steps, prior_seconds_per_step=seconds_per_step_prior(job)
+        )
+        self.meter.start(count_from_now=False)
 
-    def _cancel_requested(self, now):
-        if now - self.last_check < CANCEL_CHECK_SECONDS:
-            return False
-        self.last_check = now
-        return FineTuningJob.objects.filter(pk=self.job_id, cancel_requested_at__isnull=False).exists()
+    def _losses(self):
+        return {"loss_history": _downsample(self.history)}
 
     def on_step(self, step, total, loss):
-        now = time.monotonic()
-        if self.first_step_at is None:
-            self.first_step_at = (now, step)
         self.history.append([step, round(loss, 5)])
-        if self._cancel_requested(now):
-            self._write(step, total, now)  # the job shows where it stopped
+        if self.cancel_requested():
+            self.meter(step, total=total, force=True, extra=self._losses)  # the job shows where it stopped
             raise TrainingCancelled(f"cancelled at step {step} of {total}")
-        if step < total and now - self.last_write < settings.JOB_PROGRESS_SECONDS:
-            return
-        self._write(step, total, now)
-
-    def _write(self, step, total, now):
-        self.last_write = now
-        started, first = self.first_step_at
-        eta = (now - started) / (step - first) * (total - step) if step > first else None
-        FineTuningJob.objects.filter(pk=self.job_id).update(
-            step=step,
-            total_steps=total,
-            progress=step / total if total else 0.0,
-            eta_seconds=eta,
-            loss_history=_downsample(self.history),
-            heartbeat_at=timezone.now(),
-        )
+        self.meter(step, total=total, extra=self._losses)
 
     def on_evaluate(self, step, loss):
         self.validation.append([step, round(loss, 5)])
@@ -381,16 +362,12 @@ def _describe(exc, job):
     return f"{type(exc).__name__}: {text}"
 
 
-def job_execute(*, job_id):
+def job_execute(*, job_id, message_time_limit=None):
     """Run a queued job in this process; return its ModelVersion, or None if
-    the job was not ours to run or did not succeed."""
+    the job was not ours to run or did not succeed. ``message_time_limit``: see work_claim."""
     from finetuning.training import runtime_environment
 
-    now = timezone.now()
-    claimed = FineTuningJob.objects.filter(pk=job_id, status=Status.QUEUED).update(
-        status=Status.RUNNING, started_at=now, heartbeat_at=now, worker=worker_name()
-    )
-    if not claimed:
+    if not work_claim(FineTuningJob, job_id, message_time_limit=message_time_limit):
         logger.info("Job %s is not queued (cancelled, gone, or taken by another worker); skipping", job_id)
         return None
     if settings.TRAINING_TORCH_THREADS:
@@ -401,7 +378,7 @@ def job_execute(*, job_id):
     job = FineTuningJob.objects.select_related("dataset", "snapshot").get(pk=job_id)
     with Heartbeat(FineTuningJob, job_id):
         try:
-            return _train_version(job, _Progress(job_id))
+            return _train_version(job, _Progress(job))
         except TrainingCancelled as exc:
             logger.info("Job %s %s", job_id, exc)
             FineTuningJob.objects.filter(pk=job_id, status=Status.RUNNING).update(

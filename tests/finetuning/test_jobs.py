@@ -282,7 +282,7 @@ def test_cancelling_a_queued_job_stops_it_before_it_starts(base_version, dataset
 def test_a_cancel_during_training_stops_at_the_next_step_and_leaves_nothing(
     base_version, dataset_factory, model_store, monkeypatch
 ):
-    from finetuning.services import jobs
+    from finetuning.services import jobs, workers
     from finetuning.services.jobs import job_cancel
 
     job = job_start(dataset=dataset_factory(), hyperparameters={**FAST, "max_steps": 50})
@@ -291,11 +291,10 @@ def test_a_cancel_during_training_stops_at_the_next_step_and_leaves_nothing(
     def on_step(self, step, total, loss):
         if step == 3:
             job_cancel(job=FineTuningJob.objects.get(pk=self.job_id))
-            self.last_check = 0.0
         return real_on_step(self, step, total, loss)
 
     monkeypatch.setattr(jobs._Progress, "on_step", on_step)
-    monkeypatch.setattr(jobs, "CANCEL_CHECK_SECONDS", 0)
+    monkeypatch.setattr(workers, "CANCEL_CHECK_SECONDS", 0)
     assert job_execute(job_id=job.pk) is None
     job.refresh_from_db()
     assert job.status == "cancelled" and "cancelled at step 3 of" in job.error and job.step == 3
@@ -362,3 +361,78 @@ def test_time_limit_grows_with_the_work_and_reaches_celery(
         short.time_limit_seconds,
         short.time_limit_seconds + 300,
     )
+
+
+# --- Time left ----------------------------------------------------------------------------
+
+
+def _estimates(step_seconds, *, total, prior=None, window=32):
+    """(step, seconds left) after each step, steps taking ``step_seconds`` in turn."""
+    from finetuning.services.workers import TimeLeft
+
+    time_left = TimeLeft(total=total, prior_seconds_per_step=prior, window=window)
+    now, said = 0.0, []
+    for step, seconds in enumerate(step_seconds, start=1):
+        now += seconds
+        time_left.observe(step, now)
+        said.append((now, time_left.estimate(step, now)))
+    return said
+
+
+def test_time_left_does_not_jump_back_when_a_step_is_slow():
+    # 1 s a step, then a 40 s validation pass in one step, then 1 s again.
+    steps = [1.0] * 40 + [40.0] + [1.0] * 59
+    said = [left for _, left in _estimates(steps, total=100)]
+    rises = [later - earlier for earlier, later in zip(said[1:-1], said[2:], strict=True)]
+    # The rate over the window more than doubles at the slow step: unchecked, the time left
+    # would go from 60 s to over 130 s at once.
+    assert max(rises) < 15
+    assert said[40] < said[39]  # the slow step itself
+    assert said[-1] == 0.0
+
+
+def test_time_left_follows_measured_steps_and_uses_the_last_run_before_any():
+    # Before two steps are measured: the last comparable run's speed, not "estimating…".
+    first = _estimates([2.0], total=50, prior=2.0)
+    assert first[0][1] == pytest.approx(49 * 2.0)
+    assert _estimates([2.0], total=50)[0][1] is None
+    # Steady at 0.5 s while the last run said 2 s: it comes down to the measured speed at once.
+    said = _estimates([0.5] * 20, total=50, prior=2.0)
+    assert said[-1][1] == pytest.approx(30 * 0.5)
+
+
+def test_time_left_in_words_never_reads_zero():
+    from finetuning.services.workers import time_left_words
+
+    job = FineTuningJob(status="running", step=5, total_steps=10)
+    assert time_left_words(job) == "estimating…"
+    job.eta_seconds = 95
+    assert time_left_words(job) == "about 1 min 35 s left"
+    job.eta_seconds = 3725
+    assert time_left_words(job) == "about 1 h 02 min left"
+    for past_the_estimate in (0.0, 0.4, 9.0):
+        job.eta_seconds = past_the_estimate
+        assert time_left_words(job) == "finishing…"
+    job.eta_seconds, job.step = 120, 10  # every step done: saving
+    assert time_left_words(job) == "finishing…"
+
+
+def test_a_job_starts_with_the_time_left_of_the_last_comparable_one(base_version, dataset_factory):
+    from finetuning.services import jobs
+    from finetuning.services.workers import seconds_per_step_prior
+
+    first = job_start(dataset=dataset_factory(name="first"), hyperparameters={**FAST, "max_steps": 4})
+    job_execute(job_id=first.pk)
+    first.refresh_from_db()
+    measured = first.metrics["train_seconds"] / first.metrics["steps"]
+
+    second = job_start(dataset=dataset_factory(name="second"), hyperparameters={**FAST, "max_steps": 6})
+    assert second.total_steps == 6  # sized when queued, for the queue's estimates
+    assert seconds_per_step_prior(second) == pytest.approx(measured)
+    # Twice the tokens a step: twice the time a step.
+    bigger = job_start(dataset=dataset_factory(name="bigger"), hyperparameters={**FAST, "batch_size": 8})
+    assert seconds_per_step_prior(bigger) == pytest.approx(2 * measured)
+
+    jobs._Progress(second)  # as the worker starts it, before any step
+    second.refresh_from_db()
+    assert second.eta_seconds == pytest.approx(6 * measured)

@@ -16,14 +16,15 @@ from genapi.celery import app
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
 JOB_RUN = "finetuning.tasks.job_run"
+EVALUATION_RUN = "finetuning.tasks.evaluation_run"
 
 
-def _drain():
-    """(task name, args) of every message in the training queue, taken off it."""
+def _drain(queue_name="training"):
+    """(task name, args) of every message in a queue (jobs go to "training"), taken off it."""
     sent = []
     # Read through the read URL: the tests break only the one tasks are sent through.
     with app.connection_for_read() as connection:
-        queue = connection.SimpleQueue("training", no_ack=True)
+        queue = connection.SimpleQueue(queue_name, no_ack=True)
         try:
             while True:
                 message = queue.get_nowait()
@@ -37,10 +38,10 @@ def _drain():
 
 @pytest.fixture
 def training_queue():
-    """The real training queue, empty before and after the test: read it with ``_drain``."""
-    _drain()
+    """The real training and evaluation queues, empty before and after the test: read them with ``_drain``."""
+    _drain(), _drain("evaluation")
     yield
-    _drain()
+    _drain(), _drain("evaluation")
 
 
 def _broker_down(monkeypatch):
@@ -91,7 +92,7 @@ def test_a_start_that_cannot_reach_the_broker_answers_503_and_leaves_the_dataset
     first = _post(client, {"dataset": "shop", "hyperparameters": FAST})
     assert first.status_code == 202 and _drain() == [(JOB_RUN, [first.json()["id"]])]
     version = job_execute(job_id=first.json()["id"])
-    _drain()  # its evaluation
+    assert [task for task, _ in _drain("evaluation")] == [EVALUATION_RUN]  # its own queue: never ahead of a job
 
     port = str(_broker_down(monkeypatch))
     began = time.monotonic()
@@ -227,7 +228,71 @@ def test_an_evaluation_that_cannot_be_queued_fails_once_with_the_reason_and_can_
     monkeypatch.delenv("CELERY_BROKER_WRITE_URL")
     again = evaluation_start(version=version)
     assert again.status == "queued"
-    assert ("finetuning.tasks.evaluation_run", [again.pk]) in _drain()
+    assert _drain("evaluation") == [(EVALUATION_RUN, [again.pk])]
+    assert EVALUATION_RUN not in [task for task, _ in _drain()]  # nothing of it in the training queue
     Evaluation.objects.filter(pk=again.pk).update(enqueued_at=timezone.now() - timedelta(days=1))
     assert evaluations_recheck_queued() == ([again.pk], [])  # its task lost: sent again
-    assert _drain() == [("finetuning.tasks.evaluation_run", [again.pk])]
+    assert _drain("evaluation") == [(EVALUATION_RUN, [again.pk])]
+
+
+# --- The queue as curators read it -------------------------------------------------------
+
+
+def test_queued_work_says_its_place_and_what_is_ahead(base_version, dataset_factory, settings):
+    from finetuning.services.workers import queue_words
+
+    now = timezone.now()
+    running = job_start(dataset=dataset_factory(name="running"), hyperparameters=FAST)
+    FineTuningJob.objects.filter(pk=running.pk).update(
+        status="running", started_at=now, step=4, total_steps=10, eta_seconds=240
+    )
+    second = job_start(dataset=dataset_factory(name="second"), hyperparameters=FAST)
+    third = job_start(dataset=dataset_factory(name="third"), hyperparameters=FAST)
+    assert queue_words(second) == (
+        f"2nd in the training queue, behind job {running.pk} (running, about 4 min 00 s left); "
+        "starts in about 4 min 00 s"
+    )
+    # No job has run yet: how long the second one takes is unknown, so is when the third starts.
+    assert queue_words(third) == (
+        f"3rd in the training queue, behind job {running.pk} (running, about 4 min 00 s left), job {second.pk} (queued)"
+    )
+    running.refresh_from_db()
+    assert queue_words(running) == ""  # not waiting: nothing to say
+
+    # An earlier job measured the speed: the wait adds up.
+    done = job_start(dataset=dataset_factory(name="done"), hyperparameters=FAST)
+    FineTuningJob.objects.filter(pk=done.pk).update(
+        status="succeeded", started_at=now - timedelta(minutes=5), finished_at=now - timedelta(minutes=4),
+        metrics={"train_seconds": 60.0, "steps": 2},
+    )  # fmt: skip
+    third.refresh_from_db()
+    assert queue_words(third).endswith(f"job {second.pk} (queued); starts in about 5 min 00 s")  # 240 s + 2 x 30 s
+
+
+def test_an_evaluation_waits_only_behind_evaluations(base_version, dataset_factory):
+    from finetuning.services.evaluations import evaluation_start
+    from finetuning.services.workers import queue_words
+
+    dataset = dataset_factory()
+    dataset.examples.filter(id__in=list(dataset.examples.values_list("id", flat=True)[:4])).update(split="validation")
+    version = job_execute(job_id=job_start(dataset=dataset, hyperparameters=FAST).pk)
+    busy = job_start(dataset=dataset_factory(name="busy"), hyperparameters=FAST)
+    FineTuningJob.objects.filter(pk=busy.pk).update(status="running", started_at=timezone.now(), eta_seconds=600)
+    evaluation = evaluation_start(version=version, automatic=True)
+    assert queue_words(evaluation) == "next in the evaluation queue, nothing ahead of it"
+    # And a job queued after it does not wait for it.
+    waiting = job_start(dataset=dataset_factory(name="waiting"), hyperparameters=FAST)
+    assert f"behind job {busy.pk}" in queue_words(waiting) and "evaluation" not in queue_words(waiting)
+
+
+def test_the_lists_and_pages_say_where_queued_work_stands(admin_client, base_version, dataset_factory):
+    from django.urls import reverse
+
+    running = job_start(dataset=dataset_factory(name="running"), hyperparameters=FAST)
+    FineTuningJob.objects.filter(pk=running.pk).update(status="running", started_at=timezone.now(), eta_seconds=90)
+    waiting = job_start(dataset=dataset_factory(name="waiting"), hyperparameters=FAST)
+    listing = admin_client.get(reverse("admin:finetuning_finetuningjob_changelist")).content.decode()
+    assert f"2nd in the training queue, behind job {running.pk} (running, about 1 min 30 s left)" in listing
+    assert "about 1 min 30 s left" in listing
+    page = admin_client.get(reverse("admin:finetuning_finetuningjob_change", args=[waiting.pk])).content.decode()
+    assert f"2nd in the training queue, behind job {running.pk}" in page and "starts in about 1 min 30 s" in page

@@ -1,5 +1,6 @@
-"""Fine-tuning jobs through real Celery worker processes and the configured
-broker (Redis in CI): run, cancel, and a worker killed mid-job."""
+"""Fine-tuning jobs and evaluations through real Celery worker processes and the
+configured broker (Redis in CI): run, cancel, a worker killed mid-job, and an
+automatic evaluation that does not hold a training job back."""
 
 import signal
 import time
@@ -7,12 +8,14 @@ import time
 import pytest
 
 from finetuning import store
-from finetuning.models import FineTuningJob, ModelVersion
-from finetuning.services.jobs import job_cancel, job_start
+from finetuning.models import Evaluation, FineTuningJob, ModelVersion
+from finetuning.services.evaluations import evaluation_cancel
+from finetuning.services.jobs import job_cancel, job_execute, job_start
 from tests.worker import celery_worker, wait_for
 
 # Enough tiny-model steps to still be running when the test acts.
 LONG = {"epochs": 50, "batch_size": 4, "max_seq_length": 128}
+FAST = {"max_steps": 3, "batch_size": 4, "max_seq_length": 128}
 
 
 def _log(path):
@@ -93,3 +96,38 @@ def test_a_queued_job_the_broker_lost_runs_when_a_worker_starts(base_version, da
     assert done, f"job still {job.status} after 240 s; worker log:\n{_log(log)}"
     assert job.status == "succeeded", f"{job.error}\n{_log(log)}"
     assert job.requeue_count == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_automatic_evaluation_queued_first_does_not_delay_a_training_job(
+    base_version, dataset_factory, model_store, settings, tmp_path
+):
+    # A long automatic evaluation: 40 examples, each generated to 256 tokens by two versions.
+    settings.EVALUATION_MAX_EXAMPLES = 40
+    settings.EVALUATION_MAX_NEW_TOKENS = 256
+    dataset = dataset_factory(name="evaluated", examples=60)
+    held = list(dataset.examples.order_by("id").values_list("id", flat=True)[:40])
+    dataset.examples.filter(id__in=held).update(split="validation")
+    version = job_execute(job_id=job_start(dataset=dataset, hyperparameters=FAST).pk)
+    evaluation = Evaluation.objects.get(version=version)  # queued as the version committed
+    assert evaluation.automatic and evaluation.status == "queued"
+
+    evaluation_log, training_log = tmp_path / "evaluation.log", tmp_path / "training.log"
+    with celery_worker(evaluation_log, queues="evaluation"), celery_worker(training_log, queues="training"):
+        started = wait_for(lambda: _refreshed(evaluation).status != "queued", 240)
+        assert started and evaluation.status == "running", f"{evaluation.error}\n{_log(evaluation_log)}"
+        job = job_start(dataset=dataset_factory(name="next"), hyperparameters=FAST)
+        done = wait_for(lambda: _refreshed(job).status in FineTuningJob.FINISHED, 240)
+        assert done and job.status == "succeeded", f"job {job.status} {job.error}\n{_log(training_log)}"
+        # The job trained and finished while the evaluation queued before it was still scoring.
+        evaluation.refresh_from_db()
+        assert evaluation.status == "running" and evaluation.step < evaluation.total_steps
+
+        # Cancelled while running: it stops at the next example and keeps nothing; the job's
+        # own evaluation, queued meanwhile, is cancelled before it starts.
+        evaluation_cancel(evaluation=evaluation)
+        evaluation_cancel(evaluation=Evaluation.objects.get(version__job=job))
+        stopped = wait_for(lambda: _refreshed(evaluation).status in Evaluation.FINISHED, 60)
+    assert stopped and evaluation.status == "cancelled", f"{evaluation.error}\n{_log(evaluation_log)}"
+    assert evaluation.error.startswith("cancelled after") and not evaluation.scores.exists()
+    assert evaluation.finished_at > job.finished_at
