@@ -98,21 +98,27 @@ def _generate(loaded, prompts, decoding, advance):
     window = 2 * settings.INFERENCE_MAX_BATCH
     timeout = max(settings.GENERATE_TIMEOUT_SECONDS, 30.0 * decoding.max_new_tokens)
     results, in_flight, pending = {}, [], list(enumerate(prompts))
-    while pending or in_flight:
-        while pending and len(in_flight) < window:
-            index, prompt = pending[0]
-            try:
-                in_flight.append((index, *generation_submit(loaded, prompt, params, timeout=timeout)))
-            except QueueFull:
-                if not in_flight:
-                    time.sleep(0.5)  # web requests hold the queue: wait for room
-                break
-            pending.pop(0)
-        if in_flight:
-            index, generation, prompt_tokens = in_flight.pop(0)
-            completion = generation_collect(generation, prompt_tokens).completions[0]
-            if completion.finish_reason == "timeout":
-                raise TimeoutError(f"generating example {index + 1} took longer than {timeout:g} s")
-            results[index] = completion
-            advance()
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < window:
+                index, prompt = pending[0]
+                try:
+                    in_flight.append((index, *generation_submit(loaded, prompt, params, timeout=timeout)))
+                except QueueFull:
+                    if not in_flight:
+                        time.sleep(0.5)  # web requests hold the queue: wait for room
+                    break
+                pending.pop(0)
+            if in_flight:
+                index, generation, prompt_tokens = in_flight.pop(0)
+                completion = generation_collect(generation, prompt_tokens).completions[0]
+                if completion.finish_reason == "timeout":
+                    raise TimeoutError(f"generating example {index + 1} took longer than {timeout:g} s")
+                results[index] = completion
+                advance()  # raises when the evaluation was cancelled or ran out of time
+    except BaseException:
+        # What the engine still holds would otherwise decode on, for nobody, after a cancel.
+        for _, generation, _ in in_flight:
+            generation.cancel()
+        raise
     return [results[i] for i in range(len(prompts))]

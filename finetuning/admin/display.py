@@ -1,10 +1,14 @@
 """Display helpers every admin screen shares: readable JSON, loss charts, durations, progress."""
 
 from django.contrib import admin
+from django.shortcuts import redirect
 from django.utils.html import format_html
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.timezone import localtime
 
 from finetuning.charts import loss_chart
 from finetuning.forms import json_pretty
+from finetuning.services.workers import queue_words, time_left_words
 
 
 class JsonFieldsMixin:
@@ -36,8 +40,18 @@ def duration_display(seconds):
     return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
 
 
+def next_or(request, fallback, *args):
+    """Where a POST from another page (the dashboard) asked to go back to, if it is ours; else ``fallback``."""
+    target = request.POST.get("next", "")
+    if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
+        return redirect(target)
+    return redirect(fallback, *args)
+
+
 class ProgressMixin:
-    """Progress, step and time left of a long-running row (a job, an evaluation)."""
+    """Progress, step, time left and queue position of a long-running row (a job, an
+    evaluation), in words from services/workers.py, and the narrow list columns that keep
+    their lists within a 1366 px screen."""
 
     @admin.display(description="progress")
     def progress_bar(self, obj):
@@ -53,6 +67,28 @@ class ProgressMixin:
 
     @admin.display(description="time left")
     def eta_display(self, obj):
-        if obj.status != "running":
-            return "–"
-        return f"about {duration_display(obj.eta_seconds)}" if obj.eta_seconds is not None else "estimating…"
+        return time_left_words(obj)
+
+    @admin.display(description="time left / place in line")
+    def eta_list(self, obj):
+        if obj.status == "queued":
+            return queue_words(obj, named=1, wait=False)
+        return time_left_words(obj)
+
+    @admin.display(description="progress")
+    def progress_list(self, obj):
+        percent = round(obj.progress * 100)
+        return format_html(
+            '<progress value="{}" max="100" style="width:5em"></progress> {}%<br><small>{}</small>',
+            percent,
+            percent,
+            f"step {obj.step} / {obj.total_steps}" if obj.total_steps else "",
+        )
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished_list(self, obj):
+        return localtime(obj.finished_at).strftime("%Y-%m-%d %H:%M") if obj.finished_at else "–"
+
+    @admin.display(description="queue")
+    def queue_display(self, obj):
+        return queue_words(obj) or "–"

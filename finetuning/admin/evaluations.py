@@ -9,8 +9,7 @@ from django.shortcuts import get_object_or_404, redirect
 from django.urls import path
 from django.utils.html import format_html
 
-from finetuning.admin.display import ProgressMixin
-from finetuning.admin.jobs import WorkDisplayMixin, next_or
+from finetuning.admin.display import ProgressMixin, next_or
 from finetuning.comparison import comparison_build
 from finetuning.forms import json_pretty
 from finetuning.metrics import METRICS, metric_format
@@ -32,7 +31,7 @@ class EvaluationSizeForm(forms.Form):
 
 
 @admin.register(Evaluation)
-class EvaluationAdmin(WorkDisplayMixin, ProgressMixin, admin.ModelAdmin):
+class EvaluationAdmin(ProgressMixin, admin.ModelAdmin):
     list_display = ("id", "version", "origin", "status", "progress_list", "eta_list", "result", "finished_list")
     list_filter = ("status", "automatic")
     list_select_related = ("version",)

@@ -5,59 +5,15 @@ from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
-from django.utils.http import url_has_allowed_host_and_scheme
-from django.utils.timezone import localtime
 
-from finetuning.admin.display import JsonFieldsMixin, ProgressMixin, duration_display, loss_chart_display
+from finetuning.admin.display import JsonFieldsMixin, ProgressMixin, duration_display, loss_chart_display, next_or
 from finetuning.forms import json_pretty
 from finetuning.models import FineTuningJob
 from finetuning.services.jobs import JobError, job_cancel
-from finetuning.services.workers import queue_words, time_left_words
-
-
-def next_or(request, fallback, *args):
-    """Where a POST from another page (the dashboard) asked to go back to, if it is ours; else ``fallback``."""
-    target = request.POST.get("next", "")
-    if url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
-        return redirect(target)
-    return redirect(fallback, *args)
-
-
-class WorkDisplayMixin:
-    """Time left and queue position of a job or an evaluation, in words (services/workers.py),
-    and the narrow columns that keep their lists within a 1366 px screen."""
-
-    @admin.display(description="time left")
-    def eta_display(self, obj):
-        return time_left_words(obj)
-
-    @admin.display(description="time left / place in line")
-    def eta_list(self, obj):
-        if obj.status == "queued":
-            return queue_words(obj, named=1, wait=False)
-        return time_left_words(obj)
-
-    @admin.display(description="progress")
-    def progress_list(self, obj):
-        percent = round(obj.progress * 100)
-        return format_html(
-            '<progress value="{}" max="100" style="width:5em"></progress> {}%<br><small>{}</small>',
-            percent,
-            percent,
-            f"step {obj.step} / {obj.total_steps}" if obj.total_steps else "",
-        )
-
-    @admin.display(description="finished", ordering="finished_at")
-    def finished_list(self, obj):
-        return localtime(obj.finished_at).strftime("%Y-%m-%d %H:%M") if obj.finished_at else "–"
-
-    @admin.display(description="queue")
-    def queue_display(self, obj):
-        return queue_words(obj) or "–"
 
 
 @admin.register(FineTuningJob)
-class FineTuningJobAdmin(WorkDisplayMixin, ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
+class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "dataset",
@@ -182,7 +138,7 @@ class FineTuningJobAdmin(WorkDisplayMixin, ProgressMixin, JsonFieldsMixin, admin
     def loss_chart(self, obj):
         return loss_chart_display(obj.loss_history, obj.validation_history) or "no steps yet"
 
-    @admin.display(description="validation loss")
+    @admin.display(description="validation loss (training)")
     def validation_loss(self, obj):
         if obj.validation_history:
             return f"{obj.validation_history[-1][1]:.4f} (step {obj.validation_history[-1][0]})"

@@ -250,6 +250,15 @@ def training_description(attributes, description, hp):
     return description
 
 
+def training_pairs(*, train_rows, validation_rows, hp):
+    """(train pairs, validation pairs) of (prompt, completion) a job trains and validates on,
+    from its snapshot's rows; the fine-tune pre-flight counts the same pairs."""
+    train = [
+        training_pair(r["attributes"], training_description(r["attributes"], r["description"], hp)) for r in train_rows
+    ]
+    return train, [training_pair(r["attributes"], r["description"]) for r in validation_rows]
+
+
 def _train_version(job, progress):
     from finetuning.training import train
 
@@ -262,6 +271,7 @@ def _train_version(job, progress):
     if job.snapshot is None:
         raise JobError("this job has no data snapshot")
     train_rows, validation_rows = snapshot_read(job.snapshot)
+    train_pairs, validation_pairs = training_pairs(train_rows=train_rows, validation_rows=validation_rows, hp=hp)
 
     name = _version_name(job)
     # The directory name is unique on its own: a database can be reset while the store is kept.
@@ -269,11 +279,8 @@ def _train_version(job, progress):
     with store.artifact_writer(relpath) as output_dir:
         result = train(
             base_dir=base_dir,
-            train_pairs=[
-                training_pair(r["attributes"], training_description(r["attributes"], r["description"], hp))
-                for r in train_rows
-            ],
-            validation_pairs=[training_pair(r["attributes"], r["description"]) for r in validation_rows],
+            train_pairs=train_pairs,
+            validation_pairs=validation_pairs,
             hp=hp,
             output_dir=output_dir,
             on_step=progress.on_step,

@@ -15,9 +15,8 @@ from django.conf import settings
 
 from finetuning import store
 from finetuning.models import FineTuningJob
-from finetuning.prompts import training_pair
 from finetuning.selectors import trainable_examples
-from finetuning.services.jobs import training_description
+from finetuning.services.jobs import training_pairs
 from finetuning.services.snapshots import split_examples
 from finetuning.training import encode, planned_steps
 
@@ -161,18 +160,10 @@ def preflight_check(*, dataset, hp):
     if not rows:
         return Preflight(**common, problem=f"dataset {dataset.name} has no examples to train on")
 
-    # The pairs exactly as the job builds them from its snapshot (services/jobs.py, _train_version).
-    train = encode(
-        tokenizer,
-        [
-            training_pair(r["attributes"], training_description(r["attributes"], r["description"], hp))
-            for r in train_rows
-        ],
-        hp.max_seq_length,
-    )
-    validation = encode(
-        tokenizer, [training_pair(r["attributes"], r["description"]) for r in validation_rows], hp.max_seq_length
-    )
+    # The pairs the job builds from its snapshot, encoded as training encodes them.
+    train_pairs, validation_pairs = training_pairs(train_rows=train_rows, validation_rows=validation_rows, hp=hp)
+    train = encode(tokenizer, train_pairs, hp.max_seq_length)
+    validation = encode(tokenizer, validation_pairs, hp.max_seq_length)
     needed = train.needed_lengths + validation.needed_lengths
     kept_train = len(train.items)
     if kept_train:
