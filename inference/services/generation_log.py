@@ -16,6 +16,7 @@ import time
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -29,6 +30,28 @@ PURGE_BATCH_SIZE = 1000
 
 def generation_log_enabled():
     return settings.GENERATION_LOG_RETENTION_DAYS > 0
+
+
+def _text(value):
+    """Text as PostgreSQL can store it: a model may well write U+0000 (any byte-level token can
+    decode to it), which neither text nor jsonb columns accept; it is kept as U+FFFD."""
+    return (value or "").replace("\x00", "\ufffd")
+
+
+def _json(value):
+    """A JSON-able copy as JSON would carry it (a Decimal price, a date), NUL characters
+    replaced as in _text: the row must never fail to encode."""
+
+    def clean(item):
+        if isinstance(item, str):
+            return _text(item)
+        if isinstance(item, dict):
+            return {_text(key): clean(inner) for key, inner in item.items()}
+        if isinstance(item, list):
+            return [clean(inner) for inner in item]
+        return item
+
+    return clean(json.loads(json.dumps(value, cls=DjangoJSONEncoder)))
 
 
 def _row(
@@ -54,13 +77,12 @@ def _row(
         version_name=getattr(version, "name", "") or "",
         api_key=api_key,
         user=user if getattr(user, "is_authenticated", False) else None,
-        # As JSON would carry it (a Decimal price, a date): the row must never fail to encode.
-        input=json.loads(json.dumps(input if input is not None else {}, cls=DjangoJSONEncoder)),
-        prompt=prompt or "",
-        output=output or "",
-        parameters=json.loads(json.dumps(parameters or {}, cls=DjangoJSONEncoder)),
+        input=_json(input if input is not None else {}),
+        prompt=_text(prompt),
+        output=_text(output),
+        parameters=_json(parameters or {}),
         finish_reason=finish_reason or "",
-        error=error or "",
+        error=_text(error),
         prompt_tokens=prompt_tokens or 0,
         completion_tokens=completion_tokens or 0,
         timings=timings,
@@ -116,7 +138,9 @@ def generations_record(*, records):
         return []
     try:
         rows = [_row(**record) for record in records]
-        return Generation.objects.bulk_create(rows)
+        # A savepoint of its own: a refused write must not break a transaction around it.
+        with transaction.atomic():
+            return Generation.objects.bulk_create(rows)
     except Exception:  # noqa: BLE001 - the log is best-effort: an answered request must not fail for it
         logger.exception("Generation log: %d record(s) not written, dropped", len(records))
         return []

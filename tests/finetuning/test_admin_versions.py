@@ -9,7 +9,8 @@ from django.urls import reverse
 from finetuning.models import Activation, Evaluation, EvaluationScore, ModelVersion
 from finetuning.services.jobs import job_execute, job_start
 from finetuning.services.promotion import promotion_consider
-from tests.browser import VIEWPORT, browser, curator_page, page, screenshots  # noqa: F401
+
+pytest_plugins = ["tests.browser"]
 
 METRICS = {
     "validation_loss": 3.15512, "perplexity": 23.46, "rouge_l": 14.0649, "chrf": 31.2, "bleu": 4.1,
@@ -319,12 +320,14 @@ def decided(trained, base_version, settings):
     return version
 
 
-def test_the_decision_pages_in_a_browser(decided, base_version, curator_page, screenshots):  # noqa: F811
+def test_the_decision_pages_in_a_browser(decided, base_version, curator_page, screenshots):
     version = decided
     curator_page.goto(reverse("admin:finetuning_modelversion_change", args=[version.pk]))
     screenshots(curator_page, "version page")
     button = curator_page.get_by_role("button", name=f"Activate {version.name}")
-    assert button.bounding_box()["y"] + button.bounding_box()["height"] < VIEWPORT["height"]  # no scrolling to decide
+    assert (
+        button.bounding_box()["y"] + button.bounding_box()["height"] < curator_page.viewport_size["height"]
+    )  # no scrolling to decide
     assert curator_page.get_by_role("button", name="Save").count() == 0
     assert curator_page.locator("#samples details[open]").count() == 1
 
@@ -336,7 +339,7 @@ def test_the_decision_pages_in_a_browser(decided, base_version, curator_page, sc
     curator_page.goto(reverse("admin:finetuning_modelversion_activate", args=[version.pk]))
     screenshots(curator_page, "activate confirmation")
     button = curator_page.get_by_role("button", name=f"Activate {version.name}")
-    assert button.bounding_box()["y"] < VIEWPORT["height"]
+    assert button.bounding_box()["y"] < curator_page.viewport_size["height"]
     curator_page.get_by_label(f"Why activate {version.name}?").fill("better ROUGE-L, coverage checked by hand")
     button.click()
     assert curator_page.locator("ul.messagelist").inner_text().startswith(f"{version.name} is now the active version")

@@ -181,3 +181,28 @@ def test_the_purge_deletes_old_records_and_keeps_the_rated_ones(base_version, se
     assert set(Generation.objects.values_list("pk", flat=True)) == {rated, used, recent}
     assert not Generation.objects.filter(pk__in=expired).exists()
     assert generations_purge_task.apply().get() == 0  # the hourly task, by the name the beat schedule calls
+
+
+def test_a_text_with_nul_characters_is_recorded_and_breaks_nothing_after_it(base_version, caller):
+    """A model can write U+0000 (any byte-level token may decode to it), which PostgreSQL
+    refuses in text and jsonb: the record keeps it as U+FFFD, and the write never leaves the
+    surrounding transaction broken for what comes next."""
+    key, _ = caller
+    row = generation_record(
+        route=Generation.Route.API,
+        version=base_version,
+        input={"product": {"name": "Scarf\x00"}},
+        prompt="Name: Scarf\x00",
+        output="Warm\x00 wool",
+        parameters={"stop": ["\x00"]},
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=2,
+        timings={"total_ms": 5.0},
+        api_key=key,
+    )
+    assert row is not None
+    row.refresh_from_db()
+    assert (row.output, row.prompt) == ("Warm\ufffd wool", "Name: Scarf\ufffd")
+    assert row.input == {"product": {"name": "Scarf\ufffd"}} and row.parameters == {"stop": ["\ufffd"]}
+    assert Generation.objects.filter(pk=row.pk).exists()  # the transaction is still usable
