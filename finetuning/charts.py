@@ -1,5 +1,7 @@
 """Small server-rendered SVG charts for the admin: no JavaScript, no CDN."""
 
+import math
+
 from django.utils.html import format_html, format_html_join
 
 WIDTH, HEIGHT = 640, 240
@@ -10,6 +12,15 @@ def _ticks(low, high, count=4):
     if high == low:
         return [low]
     return [low + (high - low) * i / count for i in range(count + 1)]
+
+
+def _decimals(ticks):
+    """Enough decimals that neighbouring tick labels differ (a loss moving by 0.003 over a short
+    run would otherwise print 6.253 twice), at least three."""
+    if len(ticks) < 2:
+        return 3
+    step = abs(ticks[1] - ticks[0])
+    return max(3, math.ceil(-math.log10(step)) + 1) if step > 0 else 3
 
 
 def loss_chart(series):
@@ -26,6 +37,9 @@ def loss_chart(series):
         y_low, y_high = y_low - 0.5, y_high + 0.5
     span_x, span_y = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
+    y_ticks = _ticks(y_low, y_high)
+    decimals = _decimals(y_ticks)
+
     # Coordinates as text: format_html escapes its arguments, so numbers are formatted first.
     def x(step):
         return f"{LEFT + (step - x_low) / (x_high - x_low) * span_x:.1f}"
@@ -37,7 +51,7 @@ def loss_chart(series):
         "",
         '<line x1="{}" x2="{}" y1="{}" y2="{}" stroke="#ddd"/>'
         '<text x="{}" y="{}" dy="4" font-size="11" text-anchor="end" fill="#666">{}</text>',
-        ((LEFT, WIDTH - RIGHT, y(v), y(v), LEFT - 6, y(v), f"{v:.3f}") for v in _ticks(y_low, y_high)),
+        ((LEFT, WIDTH - RIGHT, y(v), y(v), LEFT - 6, y(v), f"{v:.{decimals}f}") for v in y_ticks),
     )
     x_labels = format_html_join(
         "",

@@ -5,7 +5,7 @@ sample texts in pages."""
 from django.conf import settings
 
 from finetuning.metrics import METRICS, decimals_to_tell_apart, is_worse, metric_delta, metric_format
-from finetuning.models import EvaluationScore
+from finetuning.models import EvaluationScore, ModelVersion
 from finetuning.prompts import product_lines
 
 Role = EvaluationScore.Role
@@ -26,8 +26,14 @@ def _columns(by_role):
             same["roles"].append(role)
             continue
         columns.append({"version": score.version, "score": score, "roles": [role]})
-    short = {Role.CANDIDATE: "this version", Role.ACTIVE: "active", Role.BASE: "base"}
+    # "active" is the role the version had when the evaluation ran; once another version is
+    # active (this one, after activating it), saying "active" would name the wrong version.
+    active_now = ModelVersion.objects.filter(is_active=True).values_list("pk", flat=True).first()
+    active = by_role.get(Role.ACTIVE)
+    active_word = "active" if active is None or active.version_id == active_now else "active when evaluated"
+    short = {Role.CANDIDATE: "this version", Role.ACTIVE: active_word, Role.BASE: "base"}
     for column in columns:
+        column["active_word"] = active_word
         column["label"] = " = ".join(short[role] for role in column["roles"])
         column["is_candidate"] = Role.CANDIDATE in column["roles"]
     return columns
@@ -39,7 +45,7 @@ def _reference(columns):
     for role in (Role.ACTIVE, Role.BASE):
         column = next((c for c in columns if role in c["roles"] and not c["is_candidate"]), None)
         if column is not None:
-            return column, "active" if role == Role.ACTIVE else "base"
+            return column, column["active_word"] if role == Role.ACTIVE else "base"
     return None, ""
 
 

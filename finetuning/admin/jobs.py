@@ -12,6 +12,16 @@ from finetuning.models import FineTuningJob
 from finetuning.services.jobs import JobError, job_cancel
 
 
+def _examples_seen(job):
+    """Examples a job's optimiser steps can have gone through (steps × batch × accumulation);
+    None when not recorded. Below the examples kept, a max_steps run ended before one epoch."""
+    steps = (job.metrics or {}).get("steps")
+    hp = job.hyperparameters or {}
+    if not steps or not hp.get("batch_size"):
+        return None
+    return steps * hp["batch_size"] * hp.get("gradient_accumulation_steps", 1)
+
+
 @admin.register(FineTuningJob)
 class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
     list_display = (
@@ -111,6 +121,15 @@ class FineTuningJobAdmin(ProgressMixin, JsonFieldsMixin, admin.ModelAdmin):
         if truncated is not None:
             parts.append(format_html("<strong>{}</strong> truncated", truncated))
         line = format_html_join(" · ", "{}", ((part,) for part in parts))
+        seen = _examples_seen(obj)
+        if seen is not None and seen < trained:
+            line = format_html(
+                "{} <small>(its {} steps of {} reached {} of them: max_steps ended it first)</small>",
+                line,
+                obj.metrics.get("steps"),
+                seen // max(obj.metrics.get("steps") or 1, 1),
+                seen,
+            )
         if skipped:
             max_seq_length = (obj.hyperparameters or {}).get("max_seq_length")
             return format_html(
