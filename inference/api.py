@@ -29,7 +29,7 @@ from inference.serializers import (
     UsageResponseSerializer,
 )
 from inference.services.generation import active_version_warm_start, run_stream, warm_failure
-from inference.services.generation_log import generations_record
+from inference.services.generation_log import generations_pending
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ class GenerateView(GenerationLogMixin, ClientAPIView):
         return Response(body)
 
     def _events(self, request, run, asked):
+        # Noted before the first chunk: a client that saw the end knows the write was noted.
+        log_write = generations_pending()
         failed = True
         result, error = None, CLIENT_LEFT
         try:
@@ -197,10 +199,8 @@ class GenerateView(GenerationLogMixin, ClientAPIView):
         finally:
             self.stream_end(request, [run], error=failed)
             # The stream has ended: the client has all it will get, the write costs it nothing.
-            generations_record(
-                records=self.generation_log(
-                    request, [run], [asked], results=None if result is None else [result], error=error
-                )
+            log_write(
+                self.generation_log(request, [run], [asked], results=None if result is None else [result], error=error)
             )
 
 

@@ -22,7 +22,7 @@ from inference.generation import GenerationTimeout, PromptTooLong, QueueTimeout
 from inference.loader import ModelUnavailable
 from inference.models import ApiKey
 from inference.services.generation import active_version_current, generation_begin, run_result
-from inference.services.generation_log import generation_log_enabled, generations_record, run_records
+from inference.services.generation_log import generation_log_enabled, generations_pending, run_records
 from inference.services.usage import usage_record
 
 
@@ -278,5 +278,5 @@ class GenerationLogMixin:
         records = getattr(request, "generation_records", None)
         if records:
             # Run by response.close(), which the server calls once the body is sent.
-            response._resource_closers.append(functools.partial(generations_record, records=records))
+            response._resource_closers.append(functools.partial(generations_pending(), records))
         return response

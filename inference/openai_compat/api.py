@@ -28,7 +28,7 @@ from inference.openai_compat.serializers import (
 )
 from inference.schema import error_responses, retry_after_headers, sse_schema
 from inference.services.generation import run_stream
-from inference.services.generation_log import generations_record
+from inference.services.generation_log import generations_pending
 
 ACTIVE = "active"
 _TAGS = ["OpenAI-compatible"]
@@ -152,6 +152,8 @@ class _GenerateView(GenerationLogMixin, OpenAIView):
         def chunk(choices, **more):
             return _data({**base, "choices": choices, **extra, **more})
 
+        # Noted before the first chunk: a client that saw the end knows the write was noted.
+        log_write = generations_pending()
         failed = True
         results, error = [], CLIENT_LEFT
         try:
@@ -182,7 +184,7 @@ class _GenerateView(GenerationLogMixin, OpenAIView):
                 run.generation.cancel()
             self.stream_end(request, runs, error=failed)
             # The stream has ended: the client has all it will get, the write costs it nothing.
-            generations_record(records=self.generation_log(request, runs, inputs, results=results, error=error))
+            log_write(self.generation_log(request, runs, inputs, results=results, error=error))
 
 
 def _data(body):

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import threading
 import time
 
 from django.conf import settings
@@ -26,6 +27,41 @@ logger = logging.getLogger(__name__)
 
 # Rows deleted per statement by the purge: short statements, no long lock on a busy table.
 PURGE_BATCH_SIZE = 1000
+
+
+# Writes promised to clients that already have their answer (a response closed after its body,
+# a stream past its last chunk), counted from before the client can see the end: whoever must
+# know that the log is written (a test about to empty the database) waits for none to remain.
+_pending = 0
+_settled = threading.Condition()
+
+
+def generations_pending():
+    """Note a write to come; returns the function that makes it (``write(records)``, once)."""
+    global _pending
+    with _settled:
+        _pending += 1
+    done = threading.Event()
+
+    def write(records):
+        global _pending
+        if done.is_set():
+            return []
+        done.set()
+        try:
+            return generations_record(records=records)
+        finally:
+            with _settled:
+                _pending -= 1
+                _settled.notify_all()
+
+    return write
+
+
+def generations_settled(*, timeout):
+    """Wait until every write noted by generations_pending is made; False on timeout."""
+    with _settled:
+        return _settled.wait_for(lambda: _pending == 0, timeout=timeout)
 
 
 def generation_log_enabled():
