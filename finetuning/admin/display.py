@@ -8,7 +8,7 @@ from django.utils.timezone import localtime
 
 from finetuning.charts import loss_chart
 from finetuning.forms import json_pretty
-from finetuning.services.workers import queue_words, time_left_words
+from finetuning.services.workers import duration_words, queue_words, time_left_words
 
 
 class JsonFieldsMixin:
@@ -33,11 +33,7 @@ def loss_chart_display(train_history, validation_history):
 
 
 def duration_display(seconds):
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+    return "–" if seconds is None else duration_words(seconds)
 
 
 def next_or(request, fallback, *args):

@@ -402,7 +402,7 @@ def seconds_per_step_prior(row):
     return _measured_seconds_per_step(previous) * _step_weight(row) / _step_weight(previous)
 
 
-def _duration_words(seconds):
+def duration_words(seconds):
     """As the admin writes durations: "1 min 35 s", "2 h 05 min"."""
     seconds = max(int(math.ceil(seconds)), 1)
     hours, rest = divmod(seconds, 3600)
@@ -421,7 +421,7 @@ def time_left_words(row):
     """The time left of a row as a curator reads it: "about 4 min left", "finishing…"."""
     if row.status == "queued":
         estimate = work_seconds_estimate(row)
-        return f"takes about {_duration_words(estimate)}" if estimate is not None else "not started"
+        return f"takes about {duration_words(estimate)}" if estimate is not None else "not started"
     if row.status != "running":
         return "–"
     if row.cancel_requested_at:
@@ -432,7 +432,7 @@ def time_left_words(row):
         return "estimating…"
     if row.eta_seconds < FINISHING_SECONDS:
         return "finishing…"
-    return f"about {_duration_words(row.eta_seconds)} left"
+    return f"about {duration_words(row.eta_seconds)} left"
 
 
 # --- The queue as curators see it ------------------------------------------------------
@@ -482,7 +482,7 @@ def queue_words(row, *, named=2, wait=True):
         behind += f" and {len(parts) - named} more"
     text = f"{_ordinal(len(ahead) + 1)} in the {queue} queue, behind {behind}"
     if wait and all(seconds is not None for seconds in waits):
-        text += f"; starts in about {_duration_words(sum(waits))}"
+        text += f"; starts in about {duration_words(sum(waits))}"
     return text
 
 
