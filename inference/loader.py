@@ -118,7 +118,7 @@ def _weights_get(relpath, sha256, *, verify):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory = store.absolute(relpath)
+    directory = store.local(relpath)
     if verify and store.manifest_verify(directory) != sha256:
         raise ModelUnavailable(f"the artifact {relpath} does not match its registered sha256")
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -160,14 +160,14 @@ def _adapter_read(directory, weights, name):
 
 
 def _load(version):
-    directory = store.absolute(version.artifact_path)
+    directory = store.local(version.artifact_path)
     if store.manifest_verify(directory) != version.sha256:
         raise ModelUnavailable(f"the artifact of {version.name} does not match its registered sha256")
     recipe = store.recipe_read(directory)
     if recipe["kind"] != "lora":
         return _weights_get(version.artifact_path, version.sha256, verify=False), None
     base_relpath, base_sha = recipe["base_artifact"], recipe["base_sha256"]
-    if store.manifest_read(store.absolute(base_relpath))["sha256"] != base_sha:
+    if store.manifest_read(store.local(base_relpath))["sha256"] != base_sha:
         raise ModelUnavailable(f"the base model of {version.name} is not the one it was trained on")
     weights = _weights_get(base_relpath, base_sha, verify=True)
     return weights, _adapter_read(directory, weights, version.name)

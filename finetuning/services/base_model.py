@@ -106,11 +106,20 @@ def base_model_prepare(*, source=None, name=None):
     name = name or settings.BASE_MODEL_NAME
     relpath = store.base_relpath(name)
     target = store.absolute(relpath)
-    if target.exists():
-        try:
-            return relpath, store.manifest_read(target)["sha256"], False
-        except store.ArtifactError as exc:
-            raise BaseModelError(f"{target} exists but is incomplete ({exc}); remove it and run again") from exc
+    try:
+        if target.exists():
+            try:
+                sha = store.manifest_read(target)["sha256"]
+            except store.ArtifactError as exc:
+                raise BaseModelError(f"{target} exists but is incomplete ({exc}); remove it and run again") from exc
+            if store.shared():
+                store.push(relpath)  # a copy prepared before MODEL_STORE_URL was set: share it
+            return relpath, sha, False
+        shared = store.manifest_lookup(relpath)  # prepared by another machine: nothing to do here
+        if shared is not None:
+            return relpath, shared["sha256"], False
+    except store.ArtifactError as exc:
+        raise BaseModelError(str(exc)) from exc
 
     resolved = source_resolve(source_text)
     logger.info("Preparing base model %s from %s", name, resolved.describe())

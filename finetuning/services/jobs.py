@@ -60,7 +60,11 @@ class JobNotQueued(JobError, BrokerUnavailable):
 
 
 def _base_prepared(base_model):
-    return (store.absolute(store.base_relpath(base_model)) / store.MANIFEST).is_file()
+    # Asks the bucket when there is one: a web process need not hold the weights to queue a job.
+    try:
+        return store.exists(store.base_relpath(base_model))
+    except store.ArtifactError as exc:
+        raise JobError(f"base model {base_model} cannot be looked up: {exc}") from exc
 
 
 def job_time_limit(*, snapshot, hp):
@@ -264,9 +268,9 @@ def _train_version(job, progress):
 
     hp = hyperparameters_parse(job.hyperparameters)
     base_relpath = store.base_relpath(job.base_model)
-    base_dir = store.absolute(base_relpath)
     if not _base_prepared(job.base_model):
         raise JobError(f"base model {job.base_model} is not prepared; run `python manage.py prepare_base_model`")
+    base_dir = store.local(base_relpath)
     base_sha = store.manifest_read(base_dir)["sha256"]
     if job.snapshot is None:
         raise JobError("this job has no data snapshot")
@@ -345,8 +349,8 @@ def _train_version(job, progress):
             transaction.on_commit(functools.partial(evaluation_after_job, version_id=version.pk))
             return version
     except BaseException:
-        # Never leave an artifact in the store that no version owns.
-        shutil.rmtree(store.absolute(relpath), ignore_errors=True)
+        # Never leave an artifact in the store (nor in its bucket) that no version owns.
+        store.remove(relpath)
         raise
 
 

@@ -125,7 +125,7 @@ def _tokenizer(directory, sha256):
 
 def base_tokenizer_get(*, base_model):
     """The tokenizer training will use for ``base_model``, or None when it is not prepared."""
-    directory = store.absolute(store.base_relpath(base_model))
+    directory = store.local(store.base_relpath(base_model))
     if not (directory / store.MANIFEST).is_file():
         return None
     return _tokenizer(str(directory), store.manifest_read(directory)["sha256"])

@@ -11,8 +11,6 @@ can be retrained on exactly its data.
 
 import hashlib
 import json
-import os
-import uuid
 
 from django.db import IntegrityError, transaction
 
@@ -144,11 +142,10 @@ def snapshot_freeze(*, dataset):
         except SnapshotError:
             pass  # the file went missing: write it again below
     relpath = store.snapshot_relpath(sha)
-    path = store.absolute(relpath)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".partial-{path.name}-{uuid.uuid4().hex[:8]}")
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)  # atomic: a reader sees the whole file or none
+    try:
+        store.file_write(relpath, payload)  # atomic: a reader sees the whole file or none
+    except store.ArtifactError as exc:
+        raise SnapshotError(f"data snapshot {relpath} could not be written: {exc}") from exc
     if existing:
         return existing
     try:
@@ -168,7 +165,10 @@ def snapshot_freeze(*, dataset):
 
 def snapshot_verify(snapshot):
     """The snapshot file's path, once it is known to be the file that was frozen."""
-    path = store.absolute(snapshot.path)
+    try:
+        path = store.local_file(snapshot.path, snapshot.sha256)
+    except store.ArtifactError as exc:
+        raise SnapshotError(f"data snapshot {snapshot.path} cannot be read: {exc}") from exc
     if not path.is_file():
         raise SnapshotError(f"data snapshot {snapshot.path} is missing from the model store")
     if store.file_sha256(path) != snapshot.sha256:

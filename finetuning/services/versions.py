@@ -58,12 +58,12 @@ def artifact_verify(version):
     """Re-hash ``version``'s files against its manifest and the registry (and, for a LoRA
     version, find the base weights it was trained on): a damaged or incomplete artifact is
     refused before it is served, not at a client's request. Raises VersionError."""
-    directory = store.absolute(version.artifact_path)
     try:
+        directory = store.local(version.artifact_path)
         sha = store.manifest_verify(directory)
         recipe = store.recipe_read(directory)
         if recipe.get("kind") == "lora":
-            base = store.manifest_read(store.absolute(recipe["base_artifact"]))
+            base = store.manifest_read(store.local(recipe["base_artifact"]))
             if base["sha256"] != recipe["base_sha256"]:
                 raise store.ArtifactError(f"its base model {recipe['base_artifact']} is not the one it was trained on")
     except (store.ArtifactError, OSError, ValueError, KeyError) as exc:

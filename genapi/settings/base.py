@@ -161,6 +161,17 @@ CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Models -----------------------------------------------------------------
 MODEL_STORE = Path(env("MODEL_STORE", default=str(VAR_DIR / "models")))
+# Shared object storage for the model store, so web processes and workers on different
+# machines see the same base models, versions and data snapshots: s3://bucket/optional/prefix.
+# When set, the bucket is the source of truth and MODEL_STORE is only this machine's cache of it
+# (artifacts are downloaded on first use and checked against their sha256 manifest).
+# Empty (the default): MODEL_STORE alone is the store, as on a single machine.
+# Credentials come from boto3's usual chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+# AWS_PROFILE, an instance role), never from settings; AWS_DEFAULT_REGION sets the region.
+MODEL_STORE_URL = env("MODEL_STORE_URL", default="")
+# The server of an S3-compatible store that is not AWS itself (MinIO, Cloudflare R2, GCS
+# interoperability), e.g. https://minio.internal:9000. Empty: AWS S3.
+MODEL_STORE_ENDPOINT_URL = env("MODEL_STORE_ENDPOINT_URL", default="")
 
 # Where the base model comes from. One of:
 #   gguf:<python package>  a GGUF file shipped inside an installed package
