@@ -13,10 +13,16 @@ Environment (all optional):
                     every request the engine may hold has a thread and health
                     checks still get one)
   INFERENCE_TORCH_THREADS  torch threads per process (default: cores / processes)
+  PROMETHEUS_MULTIPROC_DIR where every process writes its metrics, for /metrics to add up
+                    (default: a new temporary directory per gunicorn; emptied at start)
 """
 
 import os
 import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 from gunicorn import glogging
 
@@ -36,11 +42,33 @@ timeout = 120
 graceful_timeout = 60  # on restart, requests in flight finish first
 keepalive = 5
 accesslog = "-"
+# gunicorn's default line, and the request id the app answered with (X-Request-ID): the key to the
+# app's own log lines of that request.
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'
+
+# Metrics: any worker may answer a scrape, so every worker writes its counters to files in one
+# directory that the scrape adds up (prometheus-client's multiprocess mode). Set here, before the
+# master imports the app (on_starting) and so before any worker does: prometheus-client chooses
+# its mode at import.
+# Made here, it goes at exit; the mark survives gunicorn reading this file again on a reload.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="genapi-metrics-")
+    os.environ["GENAPI_METRICS_DIR_MADE"] = "1"
 
 
 def on_starting(server):
-    """Say at start what would otherwise show only when the first model loads: gunicorn runs
-    no system checks."""
+    """Empty the metrics directory: files left by a previous run would add its counts to ours
+    (and its processes' gauges would never go). Then say at start what would otherwise show only
+    when the first model loads: gunicorn runs no system checks."""
+    metrics = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    if metrics.is_dir():
+        for entry in metrics.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    metrics.mkdir(parents=True, exist_ok=True)
+
     import django
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "genapi.settings.production")  # as genapi/wsgi.py
@@ -60,6 +88,19 @@ def post_worker_init(worker):
     from inference.services.generation import active_version_warm_start
 
     active_version_warm_start()
+
+
+def child_exit(server, worker):
+    """A worker that exits (restarted, killed) stops counting in the "live" gauges: engine queue
+    depth and running sequences. Its counters stay: a counter never goes back."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if os.environ.get("GENAPI_METRICS_DIR_MADE"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 # Anything but printable ASCII, the quote and the backslash.

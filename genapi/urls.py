@@ -7,6 +7,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
 from finetuning.selectors import active_version_get
+from inference.api import metrics
 from inference.auth import ThrottledAdminLoginForm
 from inference.errors import not_found
 
@@ -46,6 +47,23 @@ def served_offline(view):
     return wrapped
 
 
+# The schema and its pages. The split view serves its start-up script as a file of its own (no
+# inline script), and the ReDoc page is drf-spectacular's less its web-font links: with the
+# sidecar's bundles (SWAGGER_UI_DIST/REDOC_DIST = "SIDECAR") and the policy above, neither page
+# loads anything from the internet.
+docs_urlpatterns = [
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", served_offline(SpectacularSwaggerSplitView.as_view(url_name="schema")), name="swagger-ui"),
+    path(
+        "api/redoc/",
+        served_offline(SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html")),
+        name="redoc",
+    ),
+]
+# Prometheus: at the root, where scrape configs look by default (see inference.api.metrics for who
+# may read it).
+operations_urlpatterns = [path("metrics", metrics, name="metrics")]
+
 urlpatterns = [
     path("", landing, name="landing"),
     path("favicon.ico", favicon),
@@ -53,17 +71,8 @@ urlpatterns = [
     path("api/", include("inference.urls")),
     path("api/", include("finetuning.urls")),
     path("v1/", include("inference.openai_compat.urls")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    # The split view serves its start-up script as a file of its own (no inline script), and the
-    # ReDoc page is drf-spectacular's less its web-font links: with the sidecar's bundles
-    # (SWAGGER_UI_DIST/REDOC_DIST = "SIDECAR") and the policy above, neither page loads anything
-    # from the internet.
-    path("api/docs/", served_offline(SpectacularSwaggerSplitView.as_view(url_name="schema")), name="swagger-ui"),
-    path(
-        "api/redoc/",
-        served_offline(SpectacularRedocView.as_view(url_name="schema", template_name="api_docs/redoc.html")),
-        name="redoc",
-    ),
+    *docs_urlpatterns,
+    *operations_urlpatterns,
     # Last: any other path under /api/ or /v1/ is a JSON 404, with DEBUG on as well (where Django
     # would otherwise answer its HTML debug page).
     re_path(r"^(?:api|v1)/", not_found),

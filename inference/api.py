@@ -1,18 +1,23 @@
 """The native API, HTTP only: validate with a serializer, call the services, return JSON."""
 
 import datetime
+import hmac
 import json
 import logging
 
+from django.conf import settings
 from django.db import connection
-from django.http import StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
+from django.views.decorators.http import require_safe
 from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from finetuning.models import Evaluation, FineTuningJob
 from finetuning.selectors import active_version_get, version_list
-from inference import limits
+from finetuning.telemetry import broker_check, model_store_check, worker_check
+from inference import limits, telemetry
 from inference.auth import api_key
 from inference.clients import CLIENT_LEFT, ClientAPIView, GenerationLogMixin
 from inference.generation import GenerationParams
@@ -253,9 +258,19 @@ class HealthView(APIView):
 
 
 class ReadyView(APIView):
+    """Readiness of this web process for a load balancer or an orchestrator.
+
+    Only what this process needs to answer a generation makes the probe fail (503): the database
+    (the active version, API keys, limits) and the active version in memory. The task broker, the
+    training and evaluation workers and the model store are reported, never failed on: without
+    them fine-tuning stops, serving does not, and they are shared by every web process, so
+    failing on them would take all of them out of the load balancer at once, turning "no new jobs"
+    into "no service". Each check is bounded (the broker's at READY_BROKER_TIMEOUT_SECONDS, the
+    workers' read their heartbeats instead of asking them): the probe answers within about 1 s."""
+
     @extend_schema(
         operation_id="ready",
-        summary="The database is reachable and the active model loads",
+        summary="The database is reachable and the active model is loaded; the rest of the deployment reported",
         responses={200: ReadySerializer, 503: ReadySerializer},
     )
     def get(self, request):
@@ -278,8 +293,41 @@ class ReadyView(APIView):
             else:
                 checks["model"] = warm_failure(active) or f"loading {active.name}"
                 active_version_warm_start()  # again after a failure: the files may have been fixed
-        ready = all(value.startswith("ok") for value in checks.values()) and "model" in checks
+        ready = all(checks[name].startswith("ok") for name in checks) and "model" in checks
+        if getattr(settings, "SERVING_ONLY", False):
+            # The serving image: no broker, no workers, its versions baked in (and not written to).
+            reported = {"model_store": model_store_check(write=False)}
+        else:
+            reported = {
+                "broker": broker_check(timeout=settings.READY_BROKER_TIMEOUT_SECONDS),
+                "training_worker": worker_check(FineTuningJob),
+                "evaluation_worker": worker_check(Evaluation),
+                "model_store": model_store_check(),
+            }
+        checks.update(reported)
+        warnings = [f"{name}: {value}" for name, value in reported.items() if not value.startswith("ok")]
         return Response(
-            {"ready": ready, "checks": checks},
+            ReadySerializer({"ready": ready, "checks": checks, "warnings": warnings}).data,
             status=status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE,
         )
+
+
+@require_safe
+def metrics(request):
+    """Prometheus metrics. Open to whoever reaches the web process, as exporters usually are:
+    Prometheus scrapes each web process from inside the deployment's network, and the public
+    proxy should not pass /metrics on. With METRICS_TOKEN set, only a request bearing it
+    ("Authorization: Bearer <token>", Prometheus' `authorization` setting) gets them: for a
+    network shared with others. The metrics name no client, key or prompt either way."""
+    token = settings.METRICS_TOKEN
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            response = HttpResponse("A valid METRICS_TOKEN is needed as a bearer token.\n", status=401)
+            response["Content-Type"] = "text/plain; charset=utf-8"
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    body, content_type = telemetry.scrape()
+    response = HttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-store"
+    return response

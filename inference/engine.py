@@ -42,6 +42,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from inference import telemetry
+
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -400,6 +402,8 @@ class Generation:
         self.deadline = deadline
         self.submitted_at = time.monotonic()
         self.first_token_at = None
+        # telemetry: made in the web thread that submits; the scheduler thread logs with it.
+        self.request_id = telemetry.request_id_get()
         seed = sampling.seed
         if sampling.temperature > 0 and seed is None:
             seed = secrets.randbelow(2**31)
@@ -478,6 +482,7 @@ class Engine:
             raise EngineError(f"prefill_share must be positive, not {prefill_share!r}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise EngineError(f"prefill_chunk must be at least 1, not {prefill_chunk!r}")
+        self.name = name  # telemetry: the engine's label in the metrics
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
@@ -583,6 +588,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
+                    self._load_report()  # telemetry
                     while not self._pending and not self._active:
                         if self._closing:
                             self._keys = self._values = None
@@ -592,6 +598,7 @@ class Engine:
                     admitted = []
                     while self._pending and len(self._active) + len(admitted) < self.max_batch:
                         admitted.append(self._pending.popleft())
+                    self._load_report(admitted=len(admitted))  # telemetry
                 try:
                     for sequence in admitted:
                         self._admit(sequence)
@@ -604,9 +611,21 @@ class Engine:
                 except Exception as exc:  # never leave a client waiting on a dead batch
                     logger.exception("Generation failed")
                     # Prefilling sequences too: they hold slots; an admitted one may not have one yet.
-                    for sequence in [*self._active, *(s for s in admitted if s not in self._active)]:
+                    failed = [*self._active, *(s for s in admitted if s not in self._active)]
+                    for sequence in failed:
                         sequence.generation.events.put(("error", exc))
                     self._active.clear()
+                    # telemetry: the traceback above is the batch's; each request's own line says it failed.
+                    for generation in dict.fromkeys(s.generation for s in failed):
+                        with telemetry.request_id_bound(generation.request_id):
+                            logger.error("This request's generation failed with its batch: %s", exc)
+
+    def _load_report(self, *, admitted=0):
+        """telemetry: this engine's batch and queue, for the gauges (0 and 0 once it closes)."""
+        closed = self._closing and not self._pending and not self._active
+        telemetry.engine_load_set(
+            self.name, running=0 if closed else len(self._active) + admitted, waiting=len(self._pending)
+        )
 
     def _sweep(self):
         """Answer the waiting sequences whose client left or whose time is up, freeing their places."""
@@ -804,6 +823,7 @@ class Engine:
         sequence.tokens.append(token)
         if generation.first_token_at is None:
             generation.first_token_at = time.monotonic()
+            telemetry.first_token_observe(generation.first_token_at - generation.submitted_at)  # telemetry
         if token in self.stop_token_ids:
             return self._done(sequence, "stop", slot=slot)
         delta = sequence.text.push(token)
@@ -822,6 +842,17 @@ class Engine:
     def _done(self, sequence, reason, *, slot):
         text, tail = sequence.text.final()
         generation = sequence.generation
+        # telemetry: tokens by model, and one line per sequence carrying its request's id.
+        model = self.name if sequence.adapter is None else sequence.adapter.name
+        telemetry.tokens_count(model, len(sequence.tokens))
+        with telemetry.request_id_bound(generation.request_id):
+            logger.info(
+                "Sequence %d done (%s) after %d tokens",
+                sequence.index,
+                reason,
+                len(sequence.tokens),
+                extra={"model": model, "finish_reason": reason, "tokens": len(sequence.tokens)},
+            )
         if tail and reason in ("stop", "length"):
             generation.events.put(("chunk", sequence.index, tail))
         generation.events.put(

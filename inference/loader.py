@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from finetuning import store
+from inference import telemetry
 from inference.engine import Adapter, DecoderWeights, Engine, EngineError
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,8 @@ def model_get(version):
         # Loading under the lock: two requests for a cold version load it once.
         started = time.monotonic()
         try:
-            weights, adapter = _load(version)
+            with telemetry.model_load_observed():  # telemetry: counted, timed, errors too
+                weights, adapter = _load(version)
         except store.ArtifactError as exc:  # its message names files relative to the store
             _weights_prune()
             raise ModelUnavailable(f"model version {version.name} cannot be loaded: {exc}") from exc

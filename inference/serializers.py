@@ -275,9 +275,46 @@ class ModelListSerializer(serializers.Serializer):
     versions = ModelVersionSerializer(many=True)
 
 
+class ReadyChecksSerializer(serializers.Serializer):
+    """Each check's result: "ok" or "ok: detail" when it passes, else what is wrong."""
+
+    database = serializers.CharField(help_text="Required. A connection to the database.")
+    model = serializers.CharField(
+        required=False,
+        help_text='Required. The active version is in this process\'s memory ("loading NAME" while it loads). '
+        "Absent while the database cannot be read.",
+    )
+    broker = serializers.CharField(
+        required=False,
+        help_text="Reported only. The task broker accepts a connection within about 1 s. Absent from the serving "
+        "image, which has none.",
+    )
+    training_worker = serializers.CharField(
+        required=False,
+        help_text="Reported only. A worker of the training queue stamped its heartbeat recently. Absent from the "
+        "serving image.",
+    )
+    evaluation_worker = serializers.CharField(
+        required=False,
+        help_text="Reported only. A worker of the evaluation queue stamped its heartbeat recently. Absent from the "
+        "serving image.",
+    )
+    model_store = serializers.CharField(
+        help_text="Reported only. MODEL_STORE can be listed and written to (in the serving image: listed)."
+    )
+
+
 class ReadySerializer(serializers.Serializer):
-    ready = serializers.BooleanField()
-    checks = serializers.DictField(child=serializers.CharField())
+    ready = serializers.BooleanField(
+        help_text="Whether this process can answer generations: every required check passes (HTTP 200); "
+        "otherwise false with HTTP 503. Reported-only checks never change it."
+    )
+    checks = ReadyChecksSerializer()
+    warnings = serializers.ListField(
+        child=serializers.CharField(),
+        help_text='The reported-only checks that fail, as "check: what is wrong". Fine-tuning and evaluations '
+        "need them; serving the loaded versions does not, so they never take this process out of a load balancer.",
+    )
 
 
 class UsageLimitSerializer(serializers.Serializer):

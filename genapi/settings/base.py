@@ -45,6 +45,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: the request id and the metrics cover every other middleware's log lines and time.
+    "inference.middleware.RequestTelemetryMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -135,6 +137,9 @@ else:
     # hand the same unacknowledged job to a second worker mid-run.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 24 * 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Workers log through LOGGING's handler (JSON in production, like the web's lines) instead of
+# replacing the root logger with Celery's own format.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -316,10 +321,33 @@ TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
 # (the default) counts per process.
 CACHES = {"default": env.cache("CACHE_URL", default="locmemcache://genapi")}
 
+# --- Metrics and logs ---------------------------------------------------------------
+# GET /metrics (Prometheus) is open to whoever reaches the web process: meant for the deployment's
+# internal network, where Prometheus scrapes each web process directly (the public proxy should
+# not pass /metrics on). Set METRICS_TOKEN to require "Authorization: Bearer <token>" as well.
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# "plain": one readable line (development); "json": one JSON object a line, for log collectors
+# (the production settings' default). Both carry the request id.
+LOG_FORMAT = env("LOG_FORMAT", default="plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}.")
+# Celery workers stamp a heartbeat this often; /api/ready reports a queue's workers missing once
+# none stamped within WORKER_SEEN_WITHIN_SECONDS.
+WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=15.0)
+WORKER_SEEN_WITHIN_SECONDS = env.int("WORKER_SEEN_WITHIN_SECONDS", default=60)
+# How long /api/ready waits for the task broker to accept a connection.
+READY_BROKER_TIMEOUT_SECONDS = env.float("READY_BROKER_TIMEOUT_SECONDS", default=1.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "inference.telemetry.RequestIdFilter"}},
+    "formatters": {
+        "plain": {"()": "inference.telemetry.PlainFormatter"},
+        "json": {"()": "inference.telemetry.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_id"]},
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
 }

@@ -282,3 +282,12 @@ def test_without_a_store_url_nothing_reaches_a_bucket(model_store, monkeypatch, 
     assert store.local(relpath) == model_store / relpath and store.manifest_verify(model_store / relpath) == sha
     assert not store.exists("versions/elsewhere")
 
+
+def test_readiness_reports_whether_the_bucket_answers(bucket, settings, client):
+    checks = client.get("/api/ready").json()["checks"]
+    assert checks["model_store"] == "ok"
+    settings.MODEL_STORE_URL = "s3://no-such-bucket-here/genapi"
+    answer = client.get("/api/ready").json()
+    assert answer["checks"]["model_store"] == "the model store's bucket does not answer (the log says why)"
+    # Serving goes on without the bucket: reported, not failed on.
+    assert "model_store: the model store's bucket does not answer (the log says why)" in answer["warnings"]
