@@ -79,6 +79,20 @@ def on_starting(server):
     if problem:
         server.log.warning("%s", problem)
 
+    from django.conf import settings
+
+    if settings.SERVING_ONLY:
+        # The serving image: the keys that may call it come from the environment (SERVING_API_KEYS),
+        # registered in its own registry before any worker answers; a bad list stops the start.
+        from inference.services.keys import ApiKeyError, keys_install
+
+        try:
+            count = keys_install(raws=settings.SERVING_API_KEYS, name="serving")
+        except ApiKeyError as exc:
+            server.log.error("SERVING_API_KEYS: %s", exc.message)
+            sys.exit(1)
+        server.log.info("Serving: %d API key(s) from SERVING_API_KEYS may call this server", count)
+
 
 def post_worker_init(worker):
     """Load the active version in the background as the worker starts: the first client does

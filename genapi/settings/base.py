@@ -269,6 +269,9 @@ GENERATION_LOG_RETENTION_DAYS = env.int("GENERATION_LOG_RETENTION_DAYS", default
 IMPORT_MAX_UPLOAD_BYTES = env.int("IMPORT_MAX_UPLOAD_BYTES", default=20 * 1024 * 1024)
 
 # --- API ----------------------------------------------------------------------
+# True in the serving image (genapi/settings/serving.py): one baked-in version, no database
+# server, broker or workers, so readiness checks none of them.
+SERVING_ONLY = False
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

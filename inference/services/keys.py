@@ -113,6 +113,43 @@ def key_create(*, name, owner, scopes=None, expires_at=None, created_by=None, **
     raise RuntimeError("could not draw an unused key prefix")
 
 
+@transaction.atomic
+def keys_install(*, raws, name):
+    """Make exactly the full keys ``raws`` (made elsewhere by key_create, e.g. on the full service)
+    usable here, with the default scopes, owned by a user named ``name`` that cannot sign in; keys
+    installed before and no longer listed are revoked. The serving image runs this at start with
+    SERVING_API_KEYS. Returns the number of usable installed keys."""
+    from django.contrib.auth import get_user_model
+
+    wanted = {}
+    for position, raw in enumerate(raws, start=1):
+        raw = raw.strip()
+        if not raw.startswith(KEY_START) or len(raw) < PREFIX_LENGTH + 2 or raw[PREFIX_LENGTH] != "_":
+            # Never echo the value: it is a secret, or meant to be one.
+            raise ApiKeyError("keys", f"key {position} is not a full genapi key (gk_<8 characters>_<secret>)")
+        wanted[raw[:PREFIX_LENGTH]] = raw
+    owner, _ = get_user_model().objects.get_or_create(username=name, defaults={"is_active": True})
+    scopes = list(ApiKey.DEFAULT_SCOPES)
+    if owner.has_usable_password():
+        owner.set_unusable_password()
+        owner.save(update_fields=["password"])
+    for prefix, raw in wanted.items():
+        key, created = ApiKey.objects.get_or_create(
+            prefix=prefix,
+            defaults={"name": f"{name} {prefix}", "owner": owner, "key_hash": _digest(raw), "scopes": scopes},
+        )
+        if not created and (key.owner_id != owner.pk or key.key_hash != _digest(raw)):
+            raise ApiKeyError("keys", f"a different key with the prefix {prefix} is already registered here")
+        if key.revoked_at is not None:
+            ApiKey.objects.filter(pk=key.pk).update(revoked_at=None)
+            _forget(prefix)
+    gone = ApiKey.objects.filter(owner=owner, revoked_at__isnull=True).exclude(prefix__in=wanted)
+    for prefix in gone.values_list("prefix", flat=True):
+        _forget(prefix)
+    gone.update(revoked_at=timezone.now())
+    return len(wanted)
+
+
 def key_update(*, key, name, scopes, expires_at, **limits):
     """Change what a key may do (its secret never changes: make a new key for that)."""
     name, scopes = _check(name=name, scopes=scopes, expires_at=None, limits=limits)
