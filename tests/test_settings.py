@@ -66,7 +66,9 @@ def _compose_environment():
     values = {}
     for name, value in environment.items():
         value = str(value)
-        values[name] = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+        # ${NAME:?message}: compose refuses to start without it; any value does here.
+        values[name] = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "given-by-the-operator", value)
     values["SECRET_KEY"] = "k" * 10 + "".join(chr(97 + (i * 7) % 26) for i in range(60))  # long and varied
     return values
 
