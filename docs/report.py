@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "docs"))
+import costs  # noqa: E402  (the deployment cost table, section 10)
 from train_bench import ADIDAS_CSV, ADIDAS_MAPPING  # noqa: E402  (the file and its documented mapping)
 
 SCRATCH = ROOT / "var" / "report"
@@ -276,7 +278,8 @@ def render(dataset, job, version, evaluation, results, elapsed):
         "examples_shown": str(EXAMPLES_SHOWN),
     }  # fmt: skip
     template = string.Template((ROOT / "docs" / "REPORT.template.md").read_text())
-    return template.substitute(values)
+    # The cost table goes in after the substitution: its dollar signs are not placeholders.
+    return costs.with_table(template.substitute(values), costs.table())
 
 
 def main():
