@@ -207,4 +207,5 @@ for service in worker evaluator scheduler; do
   [ "$state" = healthy ] || fail "$service is $state"
 done
 say "worker, evaluator and scheduler are healthy (Celery's ping)"
+say "serving container's memory after its requests: $($DOCKER stats --no-stream --format '{{.MemUsage}}' "$serving_container")"
 say "all checks passed"
