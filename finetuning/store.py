@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 
 from finetuning import objectstore
+from finetuning.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +135,19 @@ def manifest_verify(directory):
 
 
 def recipe_write(directory, recipe):
-    (Path(directory) / RECIPE).write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
+    """Write ``recipe`` (a Recipe) with the artifact's files, before its manifest."""
+    (Path(directory) / RECIPE).write_text(json.dumps(recipe.as_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def recipe_read(directory):
+    """The artifact's Recipe; ArtifactError when it has none or it is not one."""
     path = Path(directory) / RECIPE
     if not path.is_file():
         raise ArtifactError(f"{shown(directory)} has no {RECIPE}")
-    return json.loads(path.read_text())
+    try:
+        return Recipe.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:  # RecipeError and JSONDecodeError are ValueErrors
+        raise ArtifactError(f"{shown(path)} is not a recipe: {exc}") from exc
 
 
 def _remote_manifest(remote, relpath):

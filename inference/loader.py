@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from finetuning import store
+from finetuning.recipe import RecipeError
 from inference import telemetry
 from inference.engine import Adapter, DecoderWeights, Engine, EngineError
 
@@ -165,9 +166,13 @@ def _load(version):
     if store.manifest_verify(directory) != version.sha256:
         raise ModelUnavailable(f"the artifact of {version.name} does not match its registered sha256")
     recipe = store.recipe_read(directory)
-    if recipe["kind"] != "lora":
+    try:
+        recipe.prompt_format_check()
+    except RecipeError as exc:
+        raise ModelUnavailable(str(exc)) from exc
+    if not recipe.is_adapter:
         return _weights_get(version.artifact_path, version.sha256, verify=False), None
-    base_relpath, base_sha = recipe["base_artifact"], recipe["base_sha256"]
+    base_relpath, base_sha = recipe.base_artifact, recipe.base_sha256
     if store.manifest_read(store.local(base_relpath))["sha256"] != base_sha:
         raise ModelUnavailable(f"the base model of {version.name} is not the one it was trained on")
     weights = _weights_get(base_relpath, base_sha, verify=True)

@@ -9,6 +9,7 @@ from django.conf import settings
 
 from finetuning import store
 from finetuning.prompts import PROMPT_FORMAT_VERSION
+from finetuning.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +130,13 @@ def base_model_prepare(*, source=None, name=None):
         tokenizer.save_pretrained(directory)
         store.recipe_write(
             directory,
-            {
-                "kind": "base",
-                "name": name,
-                "source": source_text,
-                "architecture": type(model).__name__,
-                "prompt_format_version": PROMPT_FORMAT_VERSION,
-            },
+            Recipe(
+                kind="base",
+                name=name,
+                source=source_text,
+                architecture=type(model).__name__,
+                prompt_format_version=PROMPT_FORMAT_VERSION,
+            ),
         )
         sha = store.manifest_write(directory)
     return relpath, sha, True

@@ -22,6 +22,7 @@ from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.metrics import mentions
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
+from finetuning.recipe import Recipe
 from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
 from finetuning.services.versions import version_register
@@ -294,24 +295,24 @@ def _train_version(job, progress):
         metrics["loss_history"] = _downsample(metrics["loss_history"])
         store.recipe_write(
             output_dir,
-            {
-                "kind": hp.method,
-                "name": name,
-                "base_model": job.base_model,
-                "base_artifact": base_relpath,
-                "base_sha256": base_sha,
-                "prompt_format_version": PROMPT_FORMAT_VERSION,
-                "hyperparameters": hp.as_dict(),
-                "data": {
+            Recipe(
+                kind=hp.method,
+                name=name,
+                base_model=job.base_model,
+                base_artifact=base_relpath,
+                base_sha256=base_sha,
+                prompt_format_version=PROMPT_FORMAT_VERSION,
+                hyperparameters=hp.as_dict(),
+                data={
                     "dataset": job.dataset.name,
                     "snapshot": job.snapshot.path,
                     "snapshot_sha256": job.snapshot.sha256,
                     "train_example_ids": [r["id"] for r in train_rows],
                     "validation_example_ids": [r["id"] for r in validation_rows],
                 },
-                "metrics": metrics,
-                "environment": job.environment,
-            },
+                metrics=metrics,
+                environment=job.environment,
+            ),
         )
         sha = store.manifest_write(output_dir)
     try:

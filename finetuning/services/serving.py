@@ -35,8 +35,8 @@ def _artifacts(version):
     """The store paths ``version`` needs: its own and, for a LoRA version, its base's."""
     relpaths = [version.artifact_path]
     recipe = store.recipe_read(store.local(version.artifact_path))
-    if recipe.get("kind") == "lora":
-        relpaths.append(recipe["base_artifact"])
+    if recipe.is_adapter:
+        relpaths.append(recipe.base_artifact)
     return relpaths
 
 

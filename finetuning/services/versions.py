@@ -62,11 +62,12 @@ def artifact_verify(version):
         directory = store.local(version.artifact_path)
         sha = store.manifest_verify(directory)
         recipe = store.recipe_read(directory)
-        if recipe.get("kind") == "lora":
-            base = store.manifest_read(store.local(recipe["base_artifact"]))
-            if base["sha256"] != recipe["base_sha256"]:
-                raise store.ArtifactError(f"its base model {recipe['base_artifact']} is not the one it was trained on")
-    except (store.ArtifactError, OSError, ValueError, KeyError) as exc:
+        recipe.prompt_format_check()
+        if recipe.is_adapter:
+            base = store.manifest_read(store.local(recipe.base_artifact))
+            if base["sha256"] != recipe.base_sha256:
+                raise store.ArtifactError(f"its base model {recipe.base_artifact} is not the one it was trained on")
+    except (store.ArtifactError, OSError, ValueError) as exc:  # RecipeError is a ValueError
         raise VersionError(f"cannot activate {version.name}: {exc}") from exc
     if sha != version.sha256:
         raise VersionError(f"cannot activate {version.name}: its artifact's sha256 does not match the registry")

@@ -133,8 +133,9 @@ def test_a_job_trains_saves_safetensors_and_registers_a_version(base_version, da
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     assert store.manifest_verify(directory) == version.sha256
     recipe = store.recipe_read(directory)
-    assert recipe["base_model"] == "tiny-llama" and recipe["prompt_format_version"] == version.prompt_format_version
-    assert len(recipe["data"]["train_example_ids"]) + len(recipe["data"]["validation_example_ids"]) == 24
+    assert recipe.base_model == "tiny-llama" and recipe.prompt_format_version == version.prompt_format_version
+    assert recipe.kind == "lora" and recipe.base_sha256 == base_version.sha256
+    assert len(recipe.data["train_example_ids"]) + len(recipe.data["validation_example_ids"]) == 24
     assert version.metrics["validation_loss"] > 0 and len(version.metrics["loss_history"]) == 2
 
 
@@ -178,8 +179,8 @@ def test_a_job_trains_on_its_frozen_snapshot_not_on_later_edits(base_version, da
     version = job_execute(job_id=job.pk)
     assert version is not None and version.snapshot == snapshot
     recipe = store.recipe_read(store.absolute(version.artifact_path))
-    assert recipe["data"]["snapshot_sha256"] == snapshot.sha256
-    assert len(recipe["data"]["train_example_ids"]) == snapshot.train_examples
+    assert recipe.data["snapshot_sha256"] == snapshot.sha256
+    assert len(recipe.data["train_example_ids"]) == snapshot.train_examples
 
 
 def test_a_dataset_too_small_to_split_trains_without_validation_and_says_so(base_version, dataset_factory):

@@ -24,12 +24,14 @@ def test_database_allows_at_most_one_active_version(tmp_path):
 
 def test_activating_moves_the_single_active_flag(base_version, model_store):
     from finetuning import store
+    from finetuning.prompts import PROMPT_FORMAT_VERSION
+    from finetuning.recipe import Recipe
 
     relpath = "versions/other"
     directory = store.absolute(relpath)
     directory.mkdir(parents=True)
     (directory / "weights.safetensors").write_bytes(b"x")
-    store.recipe_write(directory, {"kind": "full"})
+    store.recipe_write(directory, Recipe(kind="full", name="other", prompt_format_version=PROMPT_FORMAT_VERSION))
     sha = store.manifest_write(directory)
     other = version_register(
         name="other", kind="lora", base_model="tiny", relpath=relpath, sha256=sha, hyperparameters={}, metrics={}

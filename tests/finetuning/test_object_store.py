@@ -9,7 +9,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 
 from finetuning import objectstore, store
-from finetuning.prompts import product_prompt
+from finetuning.prompts import PROMPT_FORMAT_VERSION, product_prompt
+from finetuning.recipe import Recipe
 from finetuning.services import jobs
 from finetuning.services.jobs import JobError, job_execute, job_start
 from finetuning.services.versions import VersionError, version_activate
@@ -19,6 +20,7 @@ from tests.tiny_model import TINY_NAME
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
 BASE = f"base/{TINY_NAME}"
+RECIPE = Recipe(kind="full", name="round-trip", prompt_format_version=PROMPT_FORMAT_VERSION)
 PROMPT = product_prompt({"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"})
 
 
@@ -75,7 +77,7 @@ def _write_version(relpath="versions/round-trip"):
         (directory / "weights.safetensors").write_bytes(b"weights " * 1000)
         (directory / "tokenizer").mkdir()
         (directory / "tokenizer" / "vocab.json").write_text('{"a": 1}')
-        store.recipe_write(directory, {"kind": "full"})
+        store.recipe_write(directory, RECIPE)
         sha = store.manifest_write(directory)
     return relpath, sha
 
@@ -99,7 +101,7 @@ def test_a_version_saved_on_one_machine_is_fetched_whole_and_verified_on_another
     assert directory == other / relpath
     assert store.manifest_verify(directory) == sha
     assert (directory / "tokenizer" / "vocab.json").read_text() == '{"a": 1}'
-    assert store.recipe_read(directory) == {"kind": "full"}
+    assert store.recipe_read(directory) == RECIPE
     assert not [p for p in (other / "versions").iterdir() if p.name.startswith(".")]
 
 
