@@ -100,6 +100,18 @@ def chat_prompt(messages):
     return chat_render(chat_messages(messages))
 
 
+def training_description(attributes, description, *, name_product):
+    """The text a job trains on for one example: the description as written, or, with
+    ``name_product`` (the recipe setting), opened with the product's name when the text does not
+    name it. Validation keeps the descriptions as written, so its loss scores the shop's own text."""
+    from finetuning.metrics import mentions  # metrics imports this module's markers
+
+    name = attributes.get("name")
+    if name_product and name and not mentions(description, name):
+        return f"{name.rstrip('. ')}. {description}"
+    return description
+
+
 def training_pair(attributes, description):
     """(prompt, completion) for one example. The completion ends with the
     end-of-turn marker so that the model learns where to stop."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from finetuning import store
+from finetuning import prompts, store
 from finetuning.recipe import RecipeError
 from inference import telemetry
 from inference.engine import Adapter, DecoderWeights, Engine, EngineError
@@ -96,7 +96,7 @@ def _configure_torch():
 
 
 def _stop_token_ids(tokenizer):
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(prompts.IM_END)}
     stop_ids.discard(None)
     stop_ids.discard(tokenizer.unk_token_id)
     return sorted(stop_ids)

@@ -19,9 +19,8 @@ from django.utils import timezone
 
 from finetuning import store
 from finetuning.hyperparameters import hyperparameters_parse
-from finetuning.metrics import mentions
 from finetuning.models import FineTuningJob, ModelVersion
-from finetuning.prompts import PROMPT_FORMAT_VERSION, training_pair
+from finetuning.prompts import PROMPT_FORMAT_VERSION, training_description, training_pair
 from finetuning.recipe import Recipe
 from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
@@ -245,21 +244,14 @@ class _Progress:
         FineTuningJob.objects.filter(pk=self.job_id).update(validation_history=self.validation)
 
 
-def training_description(attributes, description, hp):
-    """The text a job trains on for one example: the description as written, or, with
-    ``hp.name_product``, opened with the product's name when the text does not name it.
-    Validation keeps the descriptions as written, so its loss scores the shop's own text."""
-    name = attributes.get("name")
-    if hp.name_product and name and not mentions(description, name):
-        return f"{name.rstrip('. ')}. {description}"
-    return description
-
-
 def training_pairs(*, train_rows, validation_rows, hp):
     """(train pairs, validation pairs) of (prompt, completion) a job trains and validates on,
     from its snapshot's rows; the fine-tune pre-flight counts the same pairs."""
     train = [
-        training_pair(r["attributes"], training_description(r["attributes"], r["description"], hp)) for r in train_rows
+        training_pair(
+            r["attributes"], training_description(r["attributes"], r["description"], name_product=hp.name_product)
+        )
+        for r in train_rows
     ]
     return train, [training_pair(r["attributes"], r["description"]) for r in validation_rows]
 

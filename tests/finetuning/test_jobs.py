@@ -5,8 +5,9 @@ import pytest
 from finetuning import store
 from finetuning.hyperparameters import HyperparameterError, hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
+from finetuning.prompts import training_description
 from finetuning.services.examples import example_create
-from finetuning.services.jobs import JobError, job_execute, job_start, training_description
+from finetuning.services.jobs import JobError, job_execute, job_start
 from finetuning.services.snapshots import split_examples
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
@@ -29,15 +30,16 @@ def test_name_product_is_on_by_default_and_takes_a_yes_or_no():
 
 
 def test_training_descriptions_name_the_product_unless_switched_off():
-    on, off = hyperparameters_parse({}), hyperparameters_parse({"name_product": False})
+    on = {"name_product": hyperparameters_parse({}).name_product}
+    off = {"name_product": hyperparameters_parse({"name_product": False}).name_product}
     shorts = {"name": "Adicross Hybrid Shorts", "brand": "adidas"}
     unnamed = "Stay focused as the temperature heats up."
-    assert training_description(shorts, unnamed, on) == f"Adicross Hybrid Shorts. {unnamed}"
-    assert training_description(shorts, unnamed, off) == unnamed
+    assert training_description(shorts, unnamed, **on) == f"Adicross Hybrid Shorts. {unnamed}"
+    assert training_description(shorts, unnamed, **off) == unnamed
     # A text that names the product already, in any case and number, is kept as written.
     named = "These adicross hybrid short are light."
-    assert training_description(shorts, named, on) == named
-    assert training_description({"brand": "adidas"}, unnamed, on) == unnamed
+    assert training_description(shorts, named, **on) == named
+    assert training_description({"brand": "adidas"}, unnamed, **on) == unnamed
 
 
 def test_a_job_trains_on_named_descriptions_and_validates_on_the_written_ones(
