@@ -88,6 +88,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint docker/Dockerfile docker/smoke/services.Dockerfile
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf var/ .pytest_cache .ruff_cache

@@ -161,11 +161,6 @@ def run_stream(run):
         run.generation.cancel()  # a no-op once every sequence is done
 
 
-def text_generate(*, params, product=None, prompt=None, version=None):
-    """Generate and wait: the API's response dict."""
-    return run_result(generation_begin(params=params, product=product, prompt=prompt, version=version))
-
-
 def active_version_warm(*, retry_seconds=None):
     """Load the active version now (a web process starting), so that its first request does
     not wait for the weights. Failures are logged, not raised: the process still serves

@@ -12,7 +12,7 @@ from finetuning.services.snapshots import snapshot_freeze
 from finetuning.services.versions import version_activate
 from inference.generation import GenerationParams
 from inference.models import Generation
-from inference.services.generation import text_generate
+from inference.services.generation import generation_begin, run_result
 from inference.services.playground import playground_begin, playground_events, playground_request_parse
 
 PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey", "features": ["grippy", "light"]}
@@ -97,7 +97,7 @@ def test_generating_streams_the_requested_versions_answer_and_logs_it_for_the_us
     assert 1 <= done["usage"]["completion_tokens"] <= 12 and done["usage"]["prompt_tokens"] > 10
     assert {"total_ms", "first_token_ms", "tokens_per_second"} <= set(done["timings"])
     # The API's own serving path gives the same greedy text for the same version and product.
-    api = text_generate(params=GenerationParams(max_new_tokens=12), product=PRODUCT, version=candidate)
+    api = run_result(generation_begin(params=GenerationParams(max_new_tokens=12), product=PRODUCT, version=candidate))
     assert done["text"] == api["choices"][0]["text"]
 
     row = Generation.objects.get(pk=done["generation_id"])
