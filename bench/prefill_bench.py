@@ -3,7 +3,7 @@
     python bench/prefill_bench.py [--quantize none] [--stream-tokens 128] [--long-tokens 1000]
                                   [--long-prompts 3] [--threads 2] [--json PATH]
 
-All in this process, at the engine (inference/engine.py), no HTTP, on the
+All in this process, at the engine (inference/engine/), no HTTP, on the
 prepared SmolLM2 base (``python manage.py prepare_base_model``), greedy. The
 stream is the prompt builder on the first adidas product of
 ``../shared/data/adidas_usa.csv``, held to exactly ``--stream-tokens`` new

@@ -13,7 +13,7 @@ this script starts), with the machine otherwise idle:
 1. baseline: transformers ``model.generate``, eager fp32 (no compile), one
    request at a time, with 1 and with 2 torch threads; the better of the two
    is the baseline.
-2. engine: the service's engine (inference/engine.py), in this process, one
+2. engine: the service's engine (inference/engine/), in this process, one
    request at a time, then ``--clients`` requests submitted at once; for each
    ``--quantize`` setting.
 3. http: ``gunicorn -c docker/gunicorn.conf.py`` with one worker process on a
@@ -131,19 +131,12 @@ def baseline_run(base_dir, prompts, new_tokens, threads):
 
 
 def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from inference.engine import Sampling
+    from inference.loader import engine_for_directory
 
-    from inference.engine import DecoderWeights, Engine, Sampling
-    from inference.loader import _stop_token_ids
-
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True, dtype=torch.float32).eval()
-    decoder = DecoderWeights(model, quantize=quantize)
-    del model
-    engine = Engine(decoder, tokenizer, stop_token_ids=_stop_token_ids(tokenizer), max_batch=clients,
-                    max_queue=4 * clients * len(prompts), max_tokens=1024)  # fmt: skip
+    engine = engine_for_directory(base_dir, quantize=quantize, max_batch=clients,
+                                  max_queue=4 * clients * len(prompts), max_tokens=1024, threads=threads)  # fmt: skip
+    tokenizer = engine.tokenizer
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
     def submit(prompt_ids):

@@ -4,7 +4,7 @@ Never called at import time or in AppConfig.ready(): that would slow
 `migrate` and the tests, and break CUDA in forked workers.
 
 Weights are loaded once per process however many versions use them, and each
-set of weights gets one serving engine (inference/engine.py: a scheduler
+set of weights gets one serving engine (inference/engine/: a scheduler
 thread batching every request on those weights). A base model is shared by its
 base version and by every LoRA version trained on it: a LoRA version is its
 adapter's low-rank matrices, applied by the engine to the rows of the batch
@@ -117,35 +117,53 @@ def _weights_get(relpath, sha256, *, verify):
     weights = _weights.get((relpath, sha256))
     if weights is not None:
         return weights
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     directory = store.local(relpath)
     if verify and store.manifest_verify(directory) != sha256:
         raise ModelUnavailable(f"the artifact {relpath} does not match its registered sha256")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
     try:
-        decoder = DecoderWeights(model.eval(), quantize=settings.INFERENCE_QUANTIZE)
+        engine = engine_for_directory(
+            directory,
+            quantize=settings.INFERENCE_QUANTIZE,
+            max_batch=settings.INFERENCE_MAX_BATCH,
+            max_queue=settings.GENERATE_QUEUE_SIZE,
+            max_tokens=settings.INFERENCE_MAX_CONTEXT_TOKENS,
+            name=store.slug(relpath),
+        )
     except EngineError as exc:
         raise ModelUnavailable(f"{relpath}: {exc}") from exc
-    del model  # the decoder holds what it needs
-    _memory_return()
-    engine = Engine(
-        decoder,
-        tokenizer,
-        stop_token_ids=_stop_token_ids(tokenizer),
-        max_batch=settings.INFERENCE_MAX_BATCH,
-        max_queue=settings.GENERATE_QUEUE_SIZE,
-        max_tokens=settings.INFERENCE_MAX_CONTEXT_TOKENS,
-        name=store.slug(relpath),
-    )
+    decoder, tokenizer = engine.decoder, engine.tokenizer
     weights = _Weights(relpath=relpath, sha256=sha256, decoder=decoder, tokenizer=tokenizer, engine=engine)
     _weights[weights.key] = weights
     logger.info(
         "Loaded the weights of %s (%s, %.0f MB)", relpath, settings.INFERENCE_QUANTIZE, decoder.nbytes() / 2**20
     )
     return weights
+
+
+def engine_for_directory(directory, *, quantize, max_batch, max_queue, max_tokens, threads=None, name="engine"):
+    """An Engine over the model saved in ``directory`` (fp32 weights, ``quantize``, the
+    tokenizer's stop tokens): what the loader builds for each set of weights it caches, and what
+    benchmarks and scripts build outside the cache and the settings. ``threads``: torch's threads
+    (None: as they are). Its tokenizer is ``engine.tokenizer``; close the engine when done."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
+    decoder = DecoderWeights(model.eval(), quantize=quantize)
+    del model  # the decoder holds what it needs
+    _memory_return()
+    return Engine(
+        decoder,
+        tokenizer,
+        stop_token_ids=_stop_token_ids(tokenizer),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        name=name,
+    )
 
 
 def _adapter_read(directory, weights, name):

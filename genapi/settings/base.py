@@ -196,7 +196,7 @@ GENERATE_MAX_NEW_TOKENS = env.int("GENERATE_MAX_NEW_TOKENS", default=256)
 GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=min(160, GENERATE_MAX_NEW_TOKENS))
 GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default=4)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
-# The serving engine (inference/engine.py). Sequences generated together in one batch,
+# The serving engine (inference/engine/). Sequences generated together in one batch,
 # per set of weights in a process; the queue of waiting ones (past it: 503 + Retry-After);
 # the time limit of a request, waiting included (past it: 504); the key/value cache
 # length of a sequence (prompt + new tokens).
