@@ -16,9 +16,9 @@ from rest_framework.views import APIView
 from finetuning.selectors import version_get
 from inference import limits
 from inference.auth import ApiKeyAuthentication, ScopePermission, api_key
-from inference.engine import QueueFull
+from inference.engine import PromptTooLong, QueueFull
 from inference.errors import GatewayTimeout, RateLimited, ServiceUnavailable
-from inference.generation import GenerationTimeout, PromptTooLong, QueueTimeout
+from inference.generation import GenerationTimeout, QueueTimeout
 from inference.loader import ModelUnavailable
 from inference.models import ApiKey
 from inference.services.generation import active_version_current, generation_begin, run_result

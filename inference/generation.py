@@ -7,10 +7,6 @@ from django.conf import settings
 from inference.engine import EngineClosed, Sampling
 
 
-class PromptTooLong(ValueError):
-    pass
-
-
 class GenerationTimeout(Exception):
     pass
 
@@ -55,15 +51,11 @@ class GenerationResult:
 
 def generation_submit(loaded, prompt_text, params, *, timeout=None):
     """Queue a generation with ``loaded``'s engine; returns (Generation, prompt tokens).
-    Raises PromptTooLong, or engine.QueueFull when the queue is full."""
+    Raises engine.PromptTooLong (the engine checks the context), or engine.QueueFull when the
+    queue is full."""
     from inference.loader import model_get
 
     prompt_ids = loaded.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if len(prompt_ids) + params.max_new_tokens > loaded.max_positions:
-        raise PromptTooLong(
-            f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens={params.max_new_tokens} it exceeds "
-            f"the model's {loaded.max_positions}-token context"
-        )
     while True:
         try:
             generation = loaded.engine.submit(

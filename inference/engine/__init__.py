@@ -37,7 +37,7 @@ torch (tests/inference/test_loader.py).
 """
 
 from inference.engine.adapters import Adapter
-from inference.engine.errors import EngineClosed, EngineError, QueueFull, UnsupportedModel
+from inference.engine.errors import EngineClosed, EngineError, PromptTooLong, QueueFull, UnsupportedModel
 from inference.engine.prefill import PREFILL_SHARE
 from inference.engine.requests import Completion, Generation, Sampling
 from inference.engine.scheduler import Engine
@@ -53,6 +53,7 @@ __all__ = [
     "EngineClosed",
     "EngineError",
     "Generation",
+    "PromptTooLong",
     "QueueFull",
     "Sampling",
     "UnsupportedModel",

@@ -13,6 +13,11 @@ class EngineClosed(EngineError):
     """The weights were unloaded after the caller got them: load the version again."""
 
 
+class PromptTooLong(EngineError):
+    """The prompt and max_new_tokens do not fit the context: the caller's input, not a fault. The
+    one check of the context length (Engine.submit), whoever calls."""
+
+
 class QueueFull(EngineError):
     def __init__(self, retry_after, *, reason="the generation queue is full"):
         super().__init__(f"{reason}; retry in {retry_after} s")

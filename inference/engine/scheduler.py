@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 
 from inference import telemetry
 from inference.engine.decoder import DecoderMixin, _lazy_zeros
-from inference.engine.errors import EngineClosed, EngineError, QueueFull
+from inference.engine.errors import EngineClosed, EngineError, PromptTooLong, QueueFull
 from inference.engine.prefill import _PREFILL_AT_ONCE, PREFILL_SHARE, PrefillMixin
 from inference.engine.requests import Completion, Generation
 from inference.engine.sampling import choose
@@ -71,9 +71,9 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
 
     def submit(self, *, prompt_ids, sampling, n=1, max_new_tokens, stops=(), adapter=None, timeout):
         if len(prompt_ids) + max_new_tokens > self.max_tokens:
-            raise EngineError(
+            raise PromptTooLong(
                 f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                f"the {self.max_tokens}-token context"
+                f"the model's {self.max_tokens}-token context"
             )
         generation = Generation(
             engine=self,

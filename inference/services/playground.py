@@ -18,8 +18,8 @@ from finetuning.models import ModelVersion, TrainingExample
 from finetuning.selectors import active_version_get
 from finetuning.services.snapshots import SnapshotError, snapshot_read
 from finetuning.services.versions import base_version_name
-from inference.engine import QueueFull
-from inference.generation import GenerationParams, PromptTooLong
+from inference.engine import PromptTooLong, QueueFull
+from inference.generation import GenerationParams
 from inference.loader import ModelUnavailable
 from inference.models import Generation
 from inference.serializers import GenerateRequestSerializer
