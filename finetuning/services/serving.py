@@ -20,7 +20,7 @@ from django.utils import timezone
 from finetuning import store
 from finetuning.models import Activation, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION
-from finetuning.services.versions import VersionError, artifact_verify, version_activate
+from finetuning.services.versions import VersionError, artifact_verify, version_activate, version_register
 
 MANIFEST = "serving.json"
 MODELS = "models"
@@ -124,9 +124,13 @@ def serving_install(*, directory):
         if existing.sha256 != row["sha256"]:
             raise ServingError(f"a different version named {row['name']} is already registered here")
         return existing, False
-    fields = ("name", "kind", "base_model", "artifact_path", "sha256", "prompt_format_version")
-    version = ModelVersion.objects.create(
-        **{field: row[field] for field in fields},
+    # The prompt format was checked above: registering stamps this code's, the same number.
+    version = version_register(
+        name=row["name"],
+        kind=row["kind"],
+        base_model=row["base_model"],
+        relpath=row["artifact_path"],
+        sha256=row["sha256"],
         hyperparameters=row["hyperparameters"],
         metrics=row["metrics"],
     )

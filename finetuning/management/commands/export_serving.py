@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from finetuning import store
-from finetuning.models import ModelVersion
+from finetuning.selectors import active_version_get, version_get
 from finetuning.services.serving import ServingError, serving_export
 
 
@@ -15,16 +15,16 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("version", help="The version's name; 'active' for the active one.")
+        parser.add_argument("version", help="The version's name or id; 'active' for the active one.")
         parser.add_argument("--output", help="The folder to write (default: var/serving/<version>); must not exist.")
 
     def handle(self, *args, version, output=None, **options):
         if version == "active":
-            found = ModelVersion.objects.filter(is_active=True).first()
+            found = active_version_get()
             if found is None:
                 raise CommandError("version: no version is active")
         else:
-            found = ModelVersion.objects.filter(name=version).first()
+            found = version_get(reference=version)
             if found is None:
                 raise CommandError(f"version: no model version named {version!r}")
         output = Path(output) if output else settings.VAR_DIR / "serving" / store.slug(found.name)
