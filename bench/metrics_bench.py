@@ -167,7 +167,7 @@ def main():
             os.waitpid(pid, 0)
         _record(names, seed=args.processes)
 
-        from finetuning.telemetry import WorkCollector
+        from inference.telemetry import WorkCollector
 
         client = Client()
         for _ in range(3):

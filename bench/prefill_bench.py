@@ -110,9 +110,9 @@ def engine_make(decoder, tokenizer, **options):
 
 
 def submit(engine, ids, new_tokens):
-    from inference.engine import Sampling
+    from inference.engine import GenerationParams
 
-    return engine.submit(prompt_ids=ids, sampling=Sampling(), max_new_tokens=new_tokens, timeout=3600)
+    return engine.submit(prompt_ids=ids, sampling=GenerationParams(), max_new_tokens=new_tokens, timeout=3600)
 
 
 def long_alone(decoder, tokenizer, ids, **options):

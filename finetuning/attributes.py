@@ -14,6 +14,7 @@ KNOWN_KEYS = ("name", "brand", "category", "color", "audience", "price", "curren
 LIST_KEYS = ("features", "keywords")
 MAX_VALUE_CHARS = 500
 MAX_KEY_CHARS = 40
+MAX_DESCRIPTION_CHARS = 5000
 
 _SPACE = re.compile(r"\s+")
 _LIST_SPLIT = re.compile(r"\s*[;|\n]\s*")

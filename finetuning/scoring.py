@@ -18,10 +18,12 @@ from finetuning.prompts import product_prompt, training_pair
 
 @dataclass(frozen=True)
 class Decoding:
-    """Generation settings of an evaluation: the same for every version it compares."""
+    """Generation settings of an evaluation, kept with it: the same for every version it compares.
+    Greedy; each version's text is generated with the GenerationParams they make (_generate). No
+    defaults of their own: from_settings (EVALUATION_MAX_NEW_TOKENS, ...), or the stored evaluation's."""
 
-    max_new_tokens: int = 160
-    repetition_penalty: float = 1.0
+    max_new_tokens: int
+    repetition_penalty: float
 
     @classmethod
     def from_settings(cls):
@@ -92,7 +94,8 @@ def _generate(loaded, prompts, decoding, advance):
     so that it batches them as it would concurrent clients, without filling the queue
     that web requests share."""
     from inference.engine import QueueFull
-    from inference.generation import GenerationParams, generation_collect, generation_submit
+    from inference.engine.params import GenerationParams
+    from inference.generation import generation_collect, generation_submit
 
     params = GenerationParams(max_new_tokens=decoding.max_new_tokens, repetition_penalty=decoding.repetition_penalty)
     window = 2 * settings.INFERENCE_MAX_BATCH

@@ -1,13 +1,16 @@
+import json
 from dataclasses import dataclass
 
 from django.db.models import Count, Min, Prefetch, Q
 
+from finetuning import store
 from finetuning.models import (
     Activation,
     Dataset,
     Evaluation,
     EvaluationScore,
     FineTuningJob,
+    LongRunningWork,
     ModelVersion,
     TrainingExample,
 )
@@ -15,6 +18,17 @@ from finetuning.models import (
 
 def active_version_get():
     return ModelVersion.objects.filter(is_active=True).first()
+
+
+def base_version_name(base_model):
+    """The name the prepared ``base_model`` is registered under as a version."""
+    return f"base-{store.slug(base_model)}"
+
+
+def base_version_get(*, base_model):
+    """The version of the base model ``base_model`` itself (what a fine-tuned version was made
+    from); None when it was never registered here."""
+    return ModelVersion.objects.filter(name=base_version_name(base_model), kind=ModelVersion.Kind.BASE).first()
 
 
 def version_get(*, reference):
@@ -157,3 +171,54 @@ def job_get(*, pk):
 
 def jobs_recent():
     return FineTuningJob.objects.select_related("dataset", "snapshot", "requested_by")
+
+
+# --- Data snapshots: the frozen files jobs train on -----------------------------------------
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def snapshot_verify(snapshot):
+    """The snapshot file's path, once it is known to be the file that was frozen."""
+    try:
+        path = store.local_file(snapshot.path, snapshot.sha256)
+    except store.ArtifactError as exc:
+        raise SnapshotError(f"data snapshot {snapshot.path} cannot be read: {exc}") from exc
+    if not path.is_file():
+        raise SnapshotError(f"data snapshot {snapshot.path} is missing from the model store")
+    if store.file_sha256(path) != snapshot.sha256:
+        raise SnapshotError(f"data snapshot {snapshot.path} does not match its sha256: it was changed after freezing")
+    return path
+
+
+def snapshot_read(snapshot):
+    """(train rows, validation rows) from the verified snapshot file."""
+    path = snapshot_verify(snapshot)
+    train, validation = [], []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            (validation if row["split"] == "validation" else train).append(row)
+    return train, validation
+
+
+# --- Long-running work, as the metrics count it -------------------------------------------
+
+
+def work_counts():
+    """{"jobs": {state: rows}, "evaluations": {state: rows}}, every state present (0 included):
+    one indexed query per kind, whatever the number of rows."""
+    counts = {}
+    for key, model in (("jobs", FineTuningJob), ("evaluations", Evaluation)):
+        found = dict(model.objects.order_by().values_list("status").annotate(rows=Count("id")))
+        counts[key] = {state: found.get(state, 0) for state in LongRunningWork.Status.values}
+    return counts
+
+
+def jobs_running_progress():
+    """(job id, step reached, total steps) of each running job."""
+    return list(
+        FineTuningJob.objects.filter(status=LongRunningWork.Status.RUNNING).values_list("pk", "step", "total_steps")
+    )

@@ -14,6 +14,6 @@ app.autodiscover_tasks()
 def _worker_heartbeat_start(sender, **kwargs):
     """A worker stamps its queues as seen, now and every WORKER_HEARTBEAT_SECONDS, from its main
     process: /api/ready reports whether a training (and an evaluation) worker is alive."""
-    from finetuning.telemetry import worker_heartbeat_start
+    from genapi.health import worker_heartbeat_start
 
     worker_heartbeat_start(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)

@@ -14,13 +14,11 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from finetuning.models import Evaluation, FineTuningJob
 from finetuning.selectors import active_version_get, version_list
-from finetuning.telemetry import broker_check, model_store_check, worker_check
+from genapi.health import deployment_checks
 from inference import limits, telemetry
 from inference.auth import api_key
 from inference.clients import CLIENT_LEFT, ClientAPIView, GenerationLogMixin
-from inference.generation import GenerationParams
 from inference.loader import model_loaded
 from inference.models import ApiKey, Generation
 from inference.schema import ErrorSerializer, error_responses, retry_after_headers, sse_schema
@@ -37,8 +35,6 @@ from inference.services.generation import active_version_warm_start, run_stream,
 from inference.services.generation_log import generations_pending
 
 logger = logging.getLogger(__name__)
-
-_PARAMS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "num_return_sequences")
 
 _STREAM_DESCRIPTION = (
     "With `stream: true`: server-sent events, each `event: NAME` and `data: JSON` then a blank line (the schema "
@@ -168,7 +164,7 @@ class GenerateView(GenerationLogMixin, ClientAPIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         version = self.version_resolve(request, data.get("model_version"), field="model_version")
-        params = GenerationParams(**{key: data[key] for key in _PARAMS}, stop=tuple(data["stop"]))
+        params = data["params"]
         [run] = self.generation_start(
             request,
             [{"params": params, "product": data.get("product"), "prompt": data.get("prompt"), "version": version}],
@@ -294,16 +290,7 @@ class ReadyView(APIView):
                 checks["model"] = warm_failure(active) or f"loading {active.name}"
                 active_version_warm_start()  # again after a failure: the files may have been fixed
         ready = all(checks[name].startswith("ok") for name in checks) and "model" in checks
-        if getattr(settings, "SERVING_ONLY", False):
-            # The serving image: no broker, no workers, its versions baked in (and not written to).
-            reported = {"model_store": model_store_check(write=False)}
-        else:
-            reported = {
-                "broker": broker_check(timeout=settings.READY_BROKER_TIMEOUT_SECONDS),
-                "training_worker": worker_check(FineTuningJob),
-                "evaluation_worker": worker_check(Evaluation),
-                "model_store": model_store_check(),
-            }
+        reported = deployment_checks()
         checks.update(reported)
         warnings = [f"{name}: {value}" for name, value in reported.items() if not value.startswith("ok")]
         return Response(

@@ -1,10 +1,11 @@
-"""Generation from a loaded model version, through its serving engine."""
+"""Generation from a loaded model version, through its serving engine, with the GenerationParams
+(inference/engine/params.py) the request serializers made."""
 
 from dataclasses import dataclass
 
 from django.conf import settings
 
-from inference.engine import EngineClosed, Sampling
+from inference.engine import EngineClosed
 
 
 class GenerationTimeout(Exception):
@@ -20,27 +21,6 @@ class QueueTimeout(GenerationTimeout):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    max_new_tokens: int = 160
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filtering
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    num_return_sequences: int = 1
-    stop: tuple = ()  # stop sequences: the text ends before the first one
-
-    def sampling(self):
-        return Sampling(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-        )
-
-
 @dataclass
 class GenerationResult:
     completions: list  # engine.Completion, by index
@@ -50,7 +30,8 @@ class GenerationResult:
 
 
 def generation_submit(loaded, prompt_text, params, *, timeout=None):
-    """Queue a generation with ``loaded``'s engine; returns (Generation, prompt tokens).
+    """Queue a generation of ``params`` (a GenerationParams) with ``loaded``'s engine; returns
+    (Generation, prompt tokens).
     Raises engine.PromptTooLong (the engine checks the context), or engine.QueueFull when the
     queue is full."""
     from inference.loader import model_get
@@ -60,7 +41,7 @@ def generation_submit(loaded, prompt_text, params, *, timeout=None):
         try:
             generation = loaded.engine.submit(
                 prompt_ids=prompt_ids,
-                sampling=params.sampling(),
+                sampling=params,
                 n=params.num_return_sequences,
                 max_new_tokens=params.max_new_tokens,
                 stops=params.stop,

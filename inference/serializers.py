@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import re
 
@@ -6,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from finetuning.attributes import MAX_VALUE_CHARS, PRICE_PATTERN, AttributeValueError, attributes_normalize, price_parse
+from inference.engine.params import GenerationParams, param_default
 from inference.fields import (
     StrictBooleanField,
     StrictCharField,
@@ -158,6 +160,16 @@ def temperature_validate(value):
     return 0.0 if value < MIN_SAMPLING_TEMPERATURE else value
 
 
+_PARAM_FIELDS = frozenset(field.name for field in dataclasses.fields(GenerationParams))
+
+
+def generation_params(values):
+    """The GenerationParams of a request's validated values, named as GenerateRequestSerializer
+    names them (the OpenAI-compatible serializer translates its names first): the one way from a
+    serializer to the engine. A parameter the values leave out takes the type's default."""
+    return GenerationParams(**{name: value for name, value in values.items() if name in _PARAM_FIELDS})
+
+
 class GenerateRequestSerializer(StrictSerializer):
     hints = {"max_tokens": "max_new_tokens", "n": "num_return_sequences", "model": "model_version"}
     schema_extra = {
@@ -175,22 +187,24 @@ class GenerateRequestSerializer(StrictSerializer):
         help_text="A free instruction instead of a product. Give this or `product`.",
     )
     max_new_tokens = StrictIntegerField(
-        min_value=1, max_value=settings.GENERATE_MAX_NEW_TOKENS, default=settings.GENERATE_DEFAULT_MAX_NEW_TOKENS
+        min_value=1, max_value=settings.GENERATE_MAX_NEW_TOKENS, default=param_default("max_new_tokens")
     )
     temperature = StrictFloatField(
         min_value=0.0,
         max_value=2.0,
-        default=0.0,
+        default=param_default("temperature"),
         help_text=f"0 means greedy decoding (as does anything below {MIN_SAMPLING_TEMPERATURE}).",
     )
-    top_p = StrictFloatField(min_value=0.01, max_value=1.0, default=1.0)
-    top_k = StrictIntegerField(min_value=0, max_value=1000, default=0, help_text="0 turns top-k filtering off.")
-    repetition_penalty = StrictFloatField(min_value=1.0, max_value=2.0, default=1.0)
-    seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=None)
+    top_p = StrictFloatField(min_value=0.01, max_value=1.0, default=param_default("top_p"))
+    top_k = StrictIntegerField(
+        min_value=0, max_value=1000, default=param_default("top_k"), help_text="0 turns top-k filtering off."
+    )
+    repetition_penalty = StrictFloatField(min_value=1.0, max_value=2.0, default=param_default("repetition_penalty"))
+    seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=param_default("seed"))
     num_return_sequences = StrictIntegerField(
         min_value=1,
         max_value=settings.GENERATE_MAX_RETURN_SEQUENCES,
-        default=1,
+        default=param_default("num_return_sequences"),
         help_text=f"More than one needs a temperature of at least {MIN_SAMPLING_TEMPERATURE}.",
     )
     model_version = StrictCharField(
@@ -216,6 +230,7 @@ class GenerateRequestSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"num_return_sequences": ["more than one sequence needs sampling: set temperature to 0.01 or more"]}
             )
+        attrs["params"] = generation_params(attrs)
         return attrs
 
 

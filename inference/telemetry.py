@@ -23,6 +23,9 @@ from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
 
 # --- Request ids --------------------------------------------------------------------
 
@@ -229,6 +232,53 @@ def model_load_observed():
     MODEL_LOAD_DURATION.observe(time.monotonic() - started)
 
 
+# --- Metrics: the fine-tuning work, from the database ---------------------------------
+
+
+class WorkCollector:
+    """Jobs and evaluations by state, and the steps of running jobs, read from the database at
+    scrape time (the training worker is another process, often another machine): three indexed
+    queries per scrape, whatever the number of rows. Every state is always reported (0
+    included), so that a graph falls to zero instead of stopping. A database that cannot be
+    reached gives genapi_database_up 0 and nothing else, rather than a failed scrape."""
+
+    def collect(self):
+        from django.db import DatabaseError
+
+        up = GaugeMetricFamily("genapi_database_up", "Whether the last scrape could read the database (1) or not (0).")
+        try:
+            families = list(self._families())
+        except DatabaseError:
+            logger.exception("Metrics: the database could not be read")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from families
+
+    def _families(self):
+        from finetuning.selectors import jobs_running_progress, work_counts
+
+        counts = work_counts()
+        for key, name, what in (
+            ("jobs", "genapi_jobs", "Fine-tuning jobs"),
+            ("evaluations", "genapi_evaluations", "Evaluations"),
+        ):
+            family = GaugeMetricFamily(name, f"{what} by state, from the database.", labels=["state"])
+            for state, rows in counts[key].items():
+                family.add_metric([state], rows)
+            yield family
+        step = GaugeMetricFamily("genapi_job_step", "The step a running job has reached.", labels=["job"])
+        total = GaugeMetricFamily("genapi_job_total_steps", "The steps a running job will take.", labels=["job"])
+        # One series per running job: a handful at most (one per dataset), gone once it ends.
+        for pk, done, steps in jobs_running_progress():
+            step.add_metric([str(pk)], done)
+            total.add_metric([str(pk)], steps)
+        yield step
+        yield total
+
+
 # --- The scrape ---------------------------------------------------------------------------
 
 
@@ -240,8 +290,6 @@ def scrape():
     """The exposition text of every metric: this process's (or, under gunicorn, every live
     process's, read from PROMETHEUS_MULTIPROC_DIR) and the jobs and evaluations read from the
     database now. Returns (body bytes, content type)."""
-    from finetuning.telemetry import WorkCollector
-
     if multiprocess_dir():
         from prometheus_client import multiprocess
 

@@ -19,9 +19,8 @@ from django.utils import timezone
 
 from finetuning.models import Evaluation, EvaluationScore, ModelVersion
 from finetuning.scoring import Decoding, version_score, work_units
+from finetuning.selectors import SnapshotError, base_version_get, snapshot_read
 from finetuning.services.promotion import promotion_consider
-from finetuning.services.snapshots import SnapshotError, snapshot_read
-from finetuning.services.versions import base_version_name
 from finetuning.services.workers import (
     BrokerUnavailable,
     CancelCheck,
@@ -231,7 +230,7 @@ def _versions_to_score(version):
     active = ModelVersion.objects.filter(is_active=True).first()
     if active is not None:
         roles.append((Role.ACTIVE, active))
-    base = ModelVersion.objects.filter(name=base_version_name(version.base_model), kind=ModelVersion.Kind.BASE).first()
+    base = base_version_get(base_model=version.base_model)
     if base is not None:
         roles.append((Role.BASE, base))
     return roles

@@ -4,10 +4,13 @@ import json
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from finetuning.attributes import AttributeValueError, attributes_normalize, description_normalize
+from finetuning.attributes import (
+    MAX_DESCRIPTION_CHARS,
+    AttributeValueError,
+    attributes_normalize,
+    description_normalize,
+)
 from finetuning.models import TrainingExample
-
-MAX_DESCRIPTION_CHARS = 5000
 
 
 class ExampleError(ValueError):
@@ -89,6 +92,21 @@ def example_create(
         description=description,
         split=split,
         source=source,
+    )
+
+
+def example_feedback_create(*, dataset, attributes, description):
+    """A training example made from feedback on a generated text (a curator's correction, or
+    the output as it was): a draft, so that nothing trains on it before it is reviewed, with
+    source feedback. Raises ExampleError naming the field, also for a duplicate."""
+    return example_save(
+        example=TrainingExample(),
+        dataset=dataset,
+        attributes=attributes,
+        description=description,
+        split=TrainingExample.Split.UNASSIGNED,
+        source=TrainingExample.Source.FEEDBACK,
+        review=TrainingExample.Review.DRAFT,
     )
 
 

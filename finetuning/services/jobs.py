@@ -22,8 +22,9 @@ from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_description, training_pair
 from finetuning.recipe import Recipe
+from finetuning.selectors import SnapshotError, snapshot_read, snapshot_verify
 from finetuning.services.evaluations import evaluation_after_job
-from finetuning.services.snapshots import SnapshotError, snapshot_freeze, snapshot_read, snapshot_verify
+from finetuning.services.snapshots import snapshot_freeze
 from finetuning.services.versions import version_register
 from finetuning.services.workers import (
     BrokerUnavailable,

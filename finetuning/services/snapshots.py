@@ -16,15 +16,11 @@ from django.db import IntegrityError, transaction
 
 from finetuning import store
 from finetuning.models import DataSnapshot, TrainingExample
-from finetuning.selectors import review_counts, trainable_examples
+from finetuning.selectors import SnapshotError, review_counts, snapshot_verify, trainable_examples
 
 VALIDATION_PERCENT = 10
 # Below this many unassigned examples a validation split costs more than it tells.
 MIN_EXAMPLES_FOR_SPLIT = 20
-
-
-class SnapshotError(Exception):
-    pass
 
 
 def _held_out(description):
@@ -161,27 +157,3 @@ def snapshot_freeze(*, dataset):
             )
     except IntegrityError:  # frozen at the same moment by another start
         return DataSnapshot.objects.get(sha256=sha)
-
-
-def snapshot_verify(snapshot):
-    """The snapshot file's path, once it is known to be the file that was frozen."""
-    try:
-        path = store.local_file(snapshot.path, snapshot.sha256)
-    except store.ArtifactError as exc:
-        raise SnapshotError(f"data snapshot {snapshot.path} cannot be read: {exc}") from exc
-    if not path.is_file():
-        raise SnapshotError(f"data snapshot {snapshot.path} is missing from the model store")
-    if store.file_sha256(path) != snapshot.sha256:
-        raise SnapshotError(f"data snapshot {snapshot.path} does not match its sha256: it was changed after freezing")
-    return path
-
-
-def snapshot_read(snapshot):
-    """(train rows, validation rows) from the verified snapshot file."""
-    path = snapshot_verify(snapshot)
-    train, validation = [], []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            (validation if row["split"] == "validation" else train).append(row)
-    return train, validation

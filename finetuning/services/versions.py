@@ -4,15 +4,11 @@ from django.utils import timezone
 from finetuning import store
 from finetuning.models import Activation, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION
-from finetuning.selectors import reactivation_get
+from finetuning.selectors import base_version_name, reactivation_get
 
 
 class VersionError(Exception):
     pass
-
-
-def base_version_name(base_model):
-    return f"base-{store.slug(base_model)}"
 
 
 @transaction.atomic

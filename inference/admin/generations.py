@@ -13,7 +13,6 @@ from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator
 
 from finetuning.models import Dataset
-from finetuning.services.examples import ExampleError
 from inference.models import Generation
 from inference.services.feedback import (
     FeedbackError,
@@ -380,7 +379,7 @@ class GenerationAdmin(admin.ModelAdmin):
         dataset = Dataset.objects.filter(pk=request.POST.get("dataset")).first()
         try:
             example = generation_example_add(generation=obj, dataset=dataset)
-        except (FeedbackError, ExampleError) as exc:
+        except FeedbackError as exc:
             where = f" to {dataset.name}" if dataset else ""
             self.message_user(request, f"Not added{where}: {exc.field}: {exc.message}", messages.ERROR)
             return HttpResponseRedirect(request.path)

@@ -1,22 +1,17 @@
-"""What a request is while the engine serves it: its sampling parameters, its sequences (one per
-``n``), the stream of stable text each one gives out, and the Completion that ends it."""
+"""What a request is while the engine serves it: its GenerationParams (inference/engine/params.py),
+its sequences (one per ``n``), the stream of stable text each one gives out, and the Completion that
+ends it."""
 
 import queue
 import secrets
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from inference import telemetry
 from inference.engine.adapters import Adapter
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+from inference.engine.params import GenerationParams
 
 
 @dataclass
@@ -123,7 +118,7 @@ class Generation:
 class _Sequence:
     generation: Generation
     index: int
-    sampling: Sampling
+    sampling: GenerationParams
     max_new_tokens: int
     text: _TextStream
     adapter: Adapter | None
@@ -133,7 +128,6 @@ class _Sequence:
     started_at: float = 0.0
 
     def __post_init__(self):
-        import torch
 
         if self.sampling.temperature > 0:
             self.generator = torch.Generator().manual_seed(self.generation.seed + self.index)

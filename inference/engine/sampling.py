@@ -1,13 +1,13 @@
-"""Token choice from a row of logits, per a sequence's Sampling (inference/engine/requests.py):
-repetition penalty, then greedy, or temperature with top-k and top-p and one draw from the
-sequence's own generator."""
+"""Token choice from a row of logits, per the GenerationParams the request came with
+(inference/engine/params.py, as the serializers made it): repetition penalty, then greedy, or
+temperature with top-k and top-p and one draw from the sequence's own generator."""
+
+import torch
 
 
 def choose(sequence, logits, history=None):
     """The next token from ``logits``, after ``history`` (default: the sequence's tokens)."""
-    import torch
-
-    sampling = sequence.sampling
+    sampling = sequence.sampling  # the request's GenerationParams
     if sampling.repetition_penalty != 1.0:
         seen = torch.tensor(sequence.generation.prompt_ids + (sequence.tokens if history is None else history))
         score = logits.gather(0, seen)

@@ -16,7 +16,6 @@ from rest_framework.response import Response
 from finetuning.selectors import version_list
 from inference.clients import CLIENT_LEFT, ClientAPIView, GenerationLogMixin
 from inference.errors import openai_error, openai_exception_handler
-from inference.generation import GenerationParams
 from inference.models import ApiKey, Generation
 from inference.openai_compat.serializers import (
     ChatCompletionRequestSerializer,
@@ -110,8 +109,7 @@ class _GenerateView(GenerationLogMixin, OpenAIView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         version = self.model_resolve(request, data["model"])
-        sampling = data["sampling"]
-        params = GenerationParams(**sampling)
+        params = data["params"]
         inputs = data["inputs"]
         runs = self.generation_start(
             request,

@@ -13,6 +13,7 @@ from django.conf import settings
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from inference.engine.params import param_default
 from inference.fields import (
     NOT_BLANK_PATTERN,
     StrictBooleanField,
@@ -27,6 +28,7 @@ from inference.serializers import (
     ProductSerializer,
     StopField,
     UsageSerializer,
+    generation_params,
     temperature_validate,
 )
 
@@ -101,7 +103,7 @@ class OpenAIRequestSerializer(StrictSerializer):
         max_value=settings.GENERATE_MAX_NEW_TOKENS,
         required=False,
         allow_null=True,
-        help_text=f"New tokens at most; {settings.GENERATE_DEFAULT_MAX_NEW_TOKENS} when left out.",
+        help_text=f"New tokens at most; {param_default('max_new_tokens')} when left out.",
     )
     temperature = StrictFloatField(
         min_value=0.0,
@@ -155,28 +157,30 @@ class OpenAIRequestSerializer(StrictSerializer):
         return value if value is None else temperature_validate(value)
 
     def sampling(self, attrs):
-        """The generation parameters, OpenAI's defaults filled in."""
+        """The generation parameters in the native API's names, OpenAI's defaults filled in where
+        they differ from genapi's (temperature 1); the rest, max_new_tokens included, left out
+        for GenerationParams' defaults (null is left out too, as OpenAI reads it)."""
         max_tokens = attrs.get("max_tokens") or attrs.get("max_completion_tokens")
         temperature = attrs.get("temperature")
-        top_k, penalty = attrs.get("top_k"), attrs.get("repetition_penalty")
-        return {
-            "max_new_tokens": max_tokens or settings.GENERATE_DEFAULT_MAX_NEW_TOKENS,
+        native = {
+            "max_new_tokens": max_tokens,
             "temperature": 1.0 if temperature is None else temperature,
-            "top_p": max(MIN_TOP_P, 1.0 if attrs.get("top_p") is None else attrs["top_p"]),
-            "top_k": top_k or 0,
-            "repetition_penalty": 1.0 if penalty is None else penalty,
+            "top_p": None if attrs.get("top_p") is None else max(MIN_TOP_P, attrs["top_p"]),
+            "top_k": attrs.get("top_k") or None,
+            "repetition_penalty": attrs.get("repetition_penalty"),
             "seed": attrs.get("seed"),
-            "num_return_sequences": attrs.get("n") or 1,
-            "stop": tuple(attrs.get("stop") or ()),
+            "num_return_sequences": attrs.get("n"),
+            "stop": attrs.get("stop"),
         }
+        return {name: value for name, value in native.items() if value is not None}
 
     def validate(self, attrs):
-        sampling = self.sampling(attrs)
-        if sampling["num_return_sequences"] > 1 and sampling["temperature"] == 0:
+        params = generation_params(self.sampling(attrs))
+        if params.num_return_sequences > 1 and params.temperature == 0:
             raise serializers.ValidationError(
                 {"n": [f"more than one choice needs sampling: set temperature to {MIN_SAMPLING_TEMPERATURE} or more"]}
             )
-        attrs["sampling"] = sampling
+        attrs["params"] = params
         return attrs
 
 

@@ -1,16 +1,20 @@
 """The feedback loop: a curator rates a logged generation, corrects its text, and turns it
-into a training example. The example goes through the examples service (example_save), so it
-meets the same validation and duplicate check as one typed in or imported; it is a draft with
-source ``feedback``, and the generation links to it."""
+into a training example. The example is fine-tuning's to write: this service asks for it with
+the example_requested signal, which the fine-tuning app answers (finetuning/signals.py) through
+its examples service, so it meets the same validation and duplicate check as one typed in or
+imported; it is a draft with source ``feedback``, and the generation links to it."""
 
 from django.db import transaction
+from django.dispatch import Signal
 from django.utils import timezone
 
-from finetuning.attributes import description_normalize
-from finetuning.models import TrainingExample
-from finetuning.services.examples import MAX_DESCRIPTION_CHARS, example_save
+from finetuning.attributes import MAX_DESCRIPTION_CHARS, description_normalize
 from inference.models import Generation
 from inference.services.generation_log import input_product
+
+# Sent with dataset, attributes and description; its one receiver returns the training example
+# it wrote, or raises FeedbackError naming the field (then nothing is written).
+example_requested = Signal()
 
 
 class FeedbackError(ValueError):
@@ -65,8 +69,9 @@ def generation_product(generation):
 def generation_example_add(*, generation, dataset):
     """Add ``generation`` to ``dataset`` as a training example: the attributes of the product
     it was asked about, its corrected text (its output when not corrected) as the description,
-    source feedback, review draft; the generation then links to it. Raises FeedbackError or
-    ExampleError (a duplicate, an invalid attribute) naming the field; nothing is written then."""
+    source feedback, review draft; the generation then links to it. Raises FeedbackError naming
+    the field, also for what the fine-tuning side refuses (a duplicate, an invalid attribute);
+    nothing is written then."""
     generation = Generation.objects.select_for_update().get(pk=generation.pk)  # two curators, one click each
     if generation.example_id is not None:
         raise FeedbackError(
@@ -78,15 +83,10 @@ def generation_example_add(*, generation, dataset):
     description = generation.corrected_output or generation.output
     if not description.strip():
         raise FeedbackError("output", f"generation {generation.pk} wrote no text: correct it first")
-    example = example_save(
-        example=TrainingExample(),
-        dataset=dataset,
-        attributes=product,
-        description=description,
-        split=TrainingExample.Split.UNASSIGNED,
-        source=TrainingExample.Source.FEEDBACK,
-        review=TrainingExample.Review.DRAFT,
-    )
+    answers = example_requested.send(sender=Generation, dataset=dataset, attributes=product, description=description)
+    if len(answers) != 1:  # fine-tuning not installed, or two apps would each write one
+        raise FeedbackError("dataset", f"{len(answers)} apps answer for training examples, not one")
+    [(_, example)] = answers
     generation.example = example
     generation.save(update_fields=["example"])
     return example

@@ -15,11 +15,9 @@ from rest_framework import serializers
 
 from finetuning import prompts
 from finetuning.models import ModelVersion, TrainingExample
-from finetuning.selectors import active_version_get
-from finetuning.services.snapshots import SnapshotError, snapshot_read
-from finetuning.services.versions import base_version_name
+from finetuning.selectors import SnapshotError, active_version_get, base_version_get, snapshot_read
 from inference.engine import PromptTooLong, QueueFull
-from inference.generation import GenerationParams
+from inference.engine.params import GenerationParams
 from inference.loader import ModelUnavailable
 from inference.models import Generation
 from inference.serializers import GenerateRequestSerializer
@@ -69,7 +67,7 @@ class PlaygroundRequest:
 def playground_columns(*, version):
     """This version, the active one and the base model ``version`` was made from, in that order;
     a version playing two roles is one column naming both."""
-    base = ModelVersion.objects.filter(name=base_version_name(version.base_model), kind=ModelVersion.Kind.BASE).first()
+    base = base_version_get(base_model=version.base_model)
     columns = []
     for role, candidate in (("this version", version), ("active", active_version_get()), ("base", base)):
         if candidate is None:
@@ -178,16 +176,8 @@ def playground_request_parse(*, data):
     if errors:
         raise PlaygroundInvalid(errors)
     values = serializer.validated_data
-    params = GenerationParams(
-        max_new_tokens=values["max_new_tokens"],
-        temperature=values["temperature"],
-        top_p=values["top_p"],
-        top_k=values["top_k"],
-        repetition_penalty=values["repetition_penalty"],
-        seed=values["seed"],
-        num_return_sequences=1,
-    )
-    return PlaygroundRequest(product=values["product"], params=params)
+    # One sequence, no stop sequences: the page sends neither (REQUEST_FIELDS), so the API's defaults.
+    return PlaygroundRequest(product=values["product"], params=values["params"])
 
 
 def _failure_record(*, version, request, user, error, started):
@@ -198,7 +188,7 @@ def _failure_record(*, version, request, user, error, started):
         input={"product": request.product},
         prompt=prompts.product_prompt(request.product),
         output="",
-        parameters={**dataclasses.asdict(request.params), "stop": []},
+        parameters={**dataclasses.asdict(request.params), "stop": list(request.params.stop)},
         finish_reason="error",
         prompt_tokens=0,
         completion_tokens=0,

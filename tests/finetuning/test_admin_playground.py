@@ -10,7 +10,7 @@ from django.urls import reverse
 from finetuning.models import ModelVersion, TrainingExample
 from finetuning.services.snapshots import snapshot_freeze
 from finetuning.services.versions import version_activate
-from inference.generation import GenerationParams
+from inference.engine.params import GenerationParams
 from inference.models import Generation
 from inference.services.generation import generation_begin, run_result
 from inference.services.playground import playground_begin, playground_events, playground_request_parse

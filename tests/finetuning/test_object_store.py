@@ -15,7 +15,8 @@ from finetuning.services import jobs
 from finetuning.services.jobs import JobError, job_execute, job_start
 from finetuning.services.versions import VersionError, version_activate
 from inference import loader
-from inference.generation import GenerationParams, generate
+from inference.engine.params import GenerationParams
+from inference.generation import generate
 from tests.tiny_model import TINY_NAME
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}

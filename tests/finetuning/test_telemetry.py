@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from finetuning.models import Evaluation, FineTuningJob
 from finetuning.services.jobs import job_cancel, job_execute, job_start
 from finetuning.services.workers import work_claim
-from finetuning.telemetry import worker_check, worker_heartbeat_start, worker_seen_get, worker_seen_record
+from genapi.health import worker_check, worker_heartbeat_start, worker_seen_get, worker_seen_record
 
 FAST = {"max_steps": 2, "batch_size": 4, "max_seq_length": 128}
 

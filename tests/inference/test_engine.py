@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from finetuning import prompts
-from inference.engine import Adapter, DecoderWeights, Engine, QueueFull, Sampling
+from inference.engine import Adapter, DecoderWeights, Engine, QueueFull
+from inference.engine.params import GenerationParams
 from tests.inference.waiting import eventually, slow_steps
 
 N = 48  # new tokens per reference answer
@@ -43,8 +44,8 @@ ADAPTERS = {  # name: (seed of its random weights, LoRA options)
         {"r": 2, "lora_alpha": 16, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     ),
 }
-GREEDY = Sampling()
-SAMPLED = Sampling(temperature=0.9, top_k=40, top_p=0.9, seed=7)
+GREEDY = GenerationParams()
+SAMPLED = GenerationParams(temperature=0.9, top_k=40, top_p=0.9, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_greedy_answers_equal_transformers_generate(lively, expected, make_engin
         assert all(a != expected(p, adapter) for p, a in zip(PROMPTS, answers, strict=True))
     if adapter is None and repetition_penalty == 1.0:
         assert any(len(ids) < N for ids, _ in answers), "no answer ends with the model's own stop token"
-    sampling = Sampling(repetition_penalty=repetition_penalty)
+    sampling = GenerationParams(repetition_penalty=repetition_penalty)
     for prompt, (ids, text) in zip(PROMPTS, answers, strict=True):
         generation = _submit(engine, lively, prompt, adapter=adapter, sampling=sampling)
         _assert_greedy(generation, ids, text, prompt[:40])
@@ -213,7 +214,11 @@ def test_greedy_answers_are_the_same_in_a_shared_batch(lively, expected, make_en
     requests, answers = [], []
     for i, (prompt, adapter, penalty) in enumerate(combinations):
         length = lengths[i % len(lengths)]
-        options = {"adapter": adapter, "sampling": Sampling(repetition_penalty=penalty), "max_new_tokens": length}
+        options = {
+            "adapter": adapter,
+            "sampling": GenerationParams(repetition_penalty=penalty),
+            "max_new_tokens": length,
+        }
         requests.append((prompt, options))
         answers.append(expected(prompt, adapter, repetition_penalty=penalty, max_new_tokens=length))
     generations = _submit_together(engine, lively, requests)
@@ -244,7 +249,7 @@ def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(lively, make_engine, q
         (PROMPTS[0], {"sampling": SAMPLED, "adapter": "lora"}),
         (PROMPTS[2], {}),
         (PROMPTS[0], {"sampling": SAMPLED}),  # more requests than slots: this one waits for a slot
-        (PROMPTS[3], {"sampling": Sampling(temperature=1.2, seed=3)}),
+        (PROMPTS[3], {"sampling": GenerationParams(temperature=1.2, seed=3)}),
         (PROMPTS[0], {"sampling": SAMPLED, "max_new_tokens": 20}),
         (PROMPTS[0], {"sampling": SAMPLED, "n": 2}),
     ]
@@ -457,7 +462,7 @@ def test_int8_answers_are_the_fp32_answers(lively, expected, make_engine, adapte
         kept.append(sum(len(s.tokens) for s in batch) - before)
 
     monkeypatch.setattr(Engine, "_speculate", counted)
-    sampling = Sampling(repetition_penalty=repetition_penalty)
+    sampling = GenerationParams(repetition_penalty=repetition_penalty)
     for prompt in PROMPTS:
         ids, text = expected(prompt, adapter, repetition_penalty=repetition_penalty)
         _assert_greedy(_submit(engine, lively, prompt, adapter=adapter, sampling=sampling), ids, text, prompt[:40])
@@ -486,7 +491,10 @@ def test_int8_answers_are_the_same_alone_and_in_a_shared_batch(lively, make_engi
     fp32 steps): base and adapter rows, greedy and penalised, give the same tokens."""
     engine = make_engine(max_batch=5, quantize="int8")
     requests = [
-        (prompt, {"adapter": adapter, "sampling": Sampling(repetition_penalty=penalty), "max_new_tokens": length})
+        (
+            prompt,
+            {"adapter": adapter, "sampling": GenerationParams(repetition_penalty=penalty), "max_new_tokens": length},
+        )
         for prompt in PROMPTS
         for adapter, penalty, length in ((None, 1.0, N), ("lora", 1.3, 17), ("rslora", 1.0, 25))
     ]

@@ -19,7 +19,7 @@ import pytest
 
 from finetuning.services.versions import version_activate, version_approve
 from inference import loader
-from inference.engine import Sampling
+from inference.engine.params import GenerationParams
 from tests.inference.waiting import eventually, slow_steps
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the server's threads must see the test's rows
@@ -175,7 +175,7 @@ def test_a_request_that_times_out_still_queued_answers_503_with_retry_after(
     tokenizer = loader.model_get(base_version).tokenizer
     blocker = engine.submit(
         prompt_ids=tokenizer("Describe a scarf.")["input_ids"],
-        sampling=Sampling(temperature=1.0, seed=1),
+        sampling=GenerationParams(temperature=1.0, seed=1),
         max_new_tokens=256,
         timeout=30,
     )

@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetuning.telemetry import worker_seen_record
+from genapi.health import worker_seen_record
 from inference.telemetry import JsonFormatter, RequestIdFilter
 
 PRODUCT = {"name": "Trail Running Shoe", "category": "Shoes", "color": "Grey"}

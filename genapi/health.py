@@ -1,7 +1,7 @@
-"""What the fine-tuning side tells an operator: jobs and evaluations by state for the metrics
-(read from the database at scrape time: the training worker is another process, often another
-machine), workers' heartbeats, and whether the task broker answers. Not the evaluation metrics,
-which are finetuning/metrics.py."""
+"""Whether the deployment's moving parts answer, as /api/ready reports them beside its own
+database and model: the task broker, the workers' heartbeats and the model store. Service-wide,
+like the Celery app next door (genapi/celery.py starts the heartbeats): the web process reads
+what the workers of either app write."""
 
 import json
 import logging
@@ -13,56 +13,27 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import DatabaseError
-from django.db.models import Count
-from prometheus_client.core import GaugeMetricFamily
 
 from finetuning import objectstore
-from finetuning.models import Evaluation, FineTuningJob, LongRunningWork
+from finetuning.models import Evaluation, FineTuningJob
 from finetuning.services.workers import work_queue, worker_name
 
 logger = logging.getLogger(__name__)
 
-# --- Metrics from the database ----------------------------------------------------------
 
-
-class WorkCollector:
-    """Jobs and evaluations by state, and the steps of running jobs: three indexed queries
-    per scrape, whatever the number of rows. Every state is always reported (0 included), so
-    that a graph falls to zero instead of stopping. A database that cannot be reached gives
-    genapi_database_up 0 and nothing else, rather than a failed scrape."""
-
-    def collect(self):
-        up = GaugeMetricFamily("genapi_database_up", "Whether the last scrape could read the database (1) or not (0).")
-        try:
-            families = list(self._families())
-        except DatabaseError:
-            logger.exception("Metrics: the database could not be read")
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield up
-        yield from families
-
-    def _families(self):
-        for model, name, what in (
-            (FineTuningJob, "genapi_jobs", "Fine-tuning jobs"),
-            (Evaluation, "genapi_evaluations", "Evaluations"),
-        ):
-            counts = dict(model.objects.order_by().values_list("status").annotate(rows=Count("id")))
-            family = GaugeMetricFamily(name, f"{what} by state, from the database.", labels=["state"])
-            for state in LongRunningWork.Status.values:
-                family.add_metric([state], counts.get(state, 0))
-            yield family
-        step = GaugeMetricFamily("genapi_job_step", "The step a running job has reached.", labels=["job"])
-        total = GaugeMetricFamily("genapi_job_total_steps", "The steps a running job will take.", labels=["job"])
-        # One series per running job: a handful at most (one per dataset), gone once it ends.
-        for pk, done, steps in FineTuningJob.objects.filter(status="running").values_list("pk", "step", "total_steps"):
-            step.add_metric([str(pk)], done)
-            total.add_metric([str(pk)], steps)
-        yield step
-        yield total
+def deployment_checks():
+    """{name: "ok..." or why not} for the parts of the deployment a web process needs besides
+    its database and model: the broker, a training and an evaluation worker, and the model
+    store (written to). The serving image has no broker and no workers, and its versions are
+    baked in: only the model store, read."""
+    if getattr(settings, "SERVING_ONLY", False):
+        return {"model_store": model_store_check(write=False)}
+    return {
+        "broker": broker_check(timeout=settings.READY_BROKER_TIMEOUT_SECONDS),
+        "training_worker": worker_check(FineTuningJob),
+        "evaluation_worker": worker_check(Evaluation),
+        "model_store": model_store_check(),
+    }
 
 
 # --- Workers' heartbeats ----------------------------------------------------------------
