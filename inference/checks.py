@@ -62,7 +62,8 @@ def native_kernels_check(app_configs, **kwargs):
         return [Warning(f"INFERENCE_QUANTIZE=int8 will refuse to load models: {reason}", id="inference.W004")]
     return [
         Warning(
-            f"batched fp32 decoding falls back to torch's products (about half as fast): {reason}",
+            f"decoding falls back to fp32 weights and torch's products (4-5x slower per stream, 5x the memory): "
+            f"{reason}",
             id="inference.W003",
         )
     ]

@@ -20,13 +20,17 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 
 from finetuning import prompts, store
 from finetuning.recipe import RecipeError
 from inference import telemetry
-from inference.engine import Adapter, DecoderWeights, Engine, EngineError
+from inference.engine import EngineError
+
+if TYPE_CHECKING:  # the engine imports torch: loaded with the first model, not with Django
+    from inference.engine import Adapter, DecoderWeights, Engine
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +48,9 @@ class _Weights:
 
     relpath: str
     sha256: str
-    decoder: DecoderWeights
+    decoder: "DecoderWeights"
     tokenizer: object
-    engine: Engine
+    engine: "Engine"
 
     @property
     def key(self):
@@ -62,7 +66,7 @@ class LoadedModel:
     max_positions: int
     load_seconds: float
     weights: _Weights
-    adapter: Adapter | None = None  # a LoRA version's deltas; None runs the weights as they are
+    adapter: "Adapter | None" = None  # a LoRA version's deltas; None runs the weights as they are
 
     @property
     def version_id(self):
@@ -124,6 +128,7 @@ def _weights_get(relpath, sha256, *, verify):
         engine = engine_for_directory(
             directory,
             quantize=settings.INFERENCE_QUANTIZE,
+            pack=settings.INFERENCE_PACK_WEIGHTS,
             max_batch=settings.INFERENCE_MAX_BATCH,
             max_queue=settings.GENERATE_QUEUE_SIZE,
             max_tokens=settings.INFERENCE_MAX_CONTEXT_TOKENS,
@@ -140,19 +145,23 @@ def _weights_get(relpath, sha256, *, verify):
     return weights
 
 
-def engine_for_directory(directory, *, quantize, max_batch, max_queue, max_tokens, threads=None, name="engine"):
-    """An Engine over the model saved in ``directory`` (fp32 weights, ``quantize``, the
-    tokenizer's stop tokens): what the loader builds for each set of weights it caches, and what
+def engine_for_directory(
+    directory, *, quantize, max_batch, max_queue, max_tokens, threads=None, name="engine", pack=True
+):
+    """An Engine over the model saved in ``directory`` (fp32 weights, packed into GGUF blocks where
+    lossless unless ``pack`` is off; ``quantize``; the tokenizer's stop tokens): what the loader builds for each set of weights it caches, and what
     benchmarks and scripts build outside the cache and the settings. ``threads``: torch's threads
     (None: as they are). Its tokenizer is ``engine.tokenizer``; close the engine when done."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from inference.engine import DecoderWeights, Engine
+
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
-    decoder = DecoderWeights(model.eval(), quantize=quantize)
+    decoder = DecoderWeights(model.eval(), quantize=quantize, pack=pack)
     del model  # the decoder holds what it needs
     _memory_return()
     return Engine(
@@ -168,6 +177,8 @@ def engine_for_directory(directory, *, quantize, max_batch, max_queue, max_token
 
 def _adapter_read(directory, weights, name):
     from safetensors.torch import load_file
+
+    from inference.engine import Adapter
 
     # PEFT falls back to adapter_model.bin, a pickle, when the safetensors file is missing; never here.
     if not (directory / ADAPTER_WEIGHTS).is_file():

@@ -192,7 +192,9 @@ if not ALLOW_HUB_DOWNLOADS:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 GENERATE_MAX_NEW_TOKENS = env.int("GENERATE_MAX_NEW_TOKENS", default=256)
-# Left unset, the default follows a lower cap; set above the cap, a start-up check refuses it.
+# New tokens when a request names none: the one default, read by inference/engine/params.py for
+# GenerationParams and so for the API's, the OpenAI-compatible routes' and the playground's requests
+# and their OpenAPI schema. Left unset, it follows a lower cap; set above the cap, a start-up check refuses it.
 GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=min(160, GENERATE_MAX_NEW_TOKENS))
 GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default=4)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
@@ -204,15 +206,21 @@ INFERENCE_MAX_BATCH = env.int("INFERENCE_MAX_BATCH", default=8)
 GENERATE_QUEUE_SIZE = env.int("GENERATE_QUEUE_SIZE", default=32)
 GENERATE_TIMEOUT_SECONDS = env.float("GENERATE_TIMEOUT_SECONDS", default=60.0)
 INFERENCE_MAX_CONTEXT_TOKENS = env.int("INFERENCE_MAX_CONTEXT_TOKENS", default=1024)
-# "none": fp32 weights, the same text as plain transformers. "int8": one or two streams draft
-# tokens on int8 copies of the weights (a quarter of the bytes per token, in native kernels built
-# with the machine's C++ compiler) and the fp32 weights check the drafts, choosing every token:
-# fp32's text, faster, for about 130 MB more per process.
+# Weights that are lossless GGUF blocks (the base model's: its shipped Q4_1 layers and Q8_0
+# embedding, dequantised by prepare_base_model) are kept as those blocks and expanded to the same
+# floats by the native kernels: about a sixth of fp32's memory and bytes per token, the same text
+# as plain transformers. False keeps every weight fp32 (the reference; 4-5x slower per stream).
+INFERENCE_PACK_WEIGHTS = env.bool("INFERENCE_PACK_WEIGHTS", default=True)
+# "none": every token from the exact weights. "int8": one or two streams draft tokens on int8
+# copies of the weights and the exact weights check the drafts, choosing every token: the same
+# text. It pays only for weights that stay fp32 (a full fine-tune's); on packed 4-bit blocks the
+# drafts read more bytes than the exact step they replace.
 INFERENCE_QUANTIZE = env.str("INFERENCE_QUANTIZE", default="none")
 # Where the native decode kernels (inference/native/kernels.cpp) are compiled on first use.
 INFERENCE_NATIVE_DIR = Path(env("INFERENCE_NATIVE_DIR", default=str(VAR_DIR / "native")))
 # How many model versions one process keeps in memory (least recently used goes). Three: the
-# admin playground runs a version beside the active one and the base (about 0.55 GB each in fp32).
+# admin playground runs a version beside the active one and the base (a LoRA version shares its
+# base's weights: about 0.11 GB for the packed base, 0.55 GB for a full fine-tune in fp32).
 INFERENCE_MAX_LOADED_VERSIONS = env.int("INFERENCE_MAX_LOADED_VERSIONS", default=3)
 # torch threads per process; 0 keeps torch's default. On a box shared by web
 # workers and a training worker, one thread each avoids oversubscription.
@@ -249,7 +257,8 @@ PREFLIGHT_MAX_SKIPPED_SHARE = env.float("PREFLIGHT_MAX_SKIPPED_SHARE", default=0
 # After every successful job the new version, the active one and the base model are
 # scored on (at most) this many validation examples of the job's snapshot, greedy.
 EVALUATION_MAX_EXAMPLES = env.int("EVALUATION_MAX_EXAMPLES", default=40)
-EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=160)
+# Evaluations score the text clients get when they name no length, unless set apart.
+EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=GENERATE_DEFAULT_MAX_NEW_TOKENS)
 EVALUATION_REPETITION_PENALTY = env.float("EVALUATION_REPETITION_PENALTY", default=1.0)
 # The promotion gate: a new version becomes active by itself only when this is on, it beats
 # the active version on the primary metric by the margin (in the metric's units: ROUGE-L

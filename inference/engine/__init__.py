@@ -18,43 +18,56 @@ The modules, one concern each:
   so that a running stream keeps its pace while long prompts arrive.
 - ``decoder``: the forward pass, a lean re-implementation of Llama's (SmolLM2
   is a Llama) over a static key/value cache, with transformers' arithmetic, so
-  greedy text equals `model.generate`'s; several sequences' steps go through the
-  native kernels (inference/native).
+  greedy text equals `model.generate`'s; decode steps go through the native
+  kernels (inference/native), one call for every layer.
 - ``speculative``: on an int8 engine, tokens drafted on int8 weights and
-  checked by one fp32 pass, so the text is fp32's.
+  checked by one pass over the exact weights, so the text is theirs.
 - ``sampling``: token choice (greedy, temperature, top-k, top-p, repetition
   penalty).
-- ``weights``: DecoderWeights, the fused fp32 (and int8) projections.
+- ``weights``: DecoderWeights, the fused projections: the exact weights (as
+  GGUF blocks where that is lossless, else fp32) and int8 drafting copies.
+- ``blocks``: finding the GGUF blocks (Q4_1, Q8_0) the fp32 weights came
+  from, bit for bit.
 - ``adapters``: LoRA versions, applied per row of the batch, so one batch mixes
   the base model and any adapters.
-- ``requests``: Sampling, Generation, its sequences, their text streams and
+- ``requests``: Generation, its sequences, their text streams and
   Completions.
+- ``params``: GenerationParams, what a request asks for, from the serializers
+  to the sampler.
 - ``errors``: what callers catch.
 
-torch is imported inside the functions that use it, not at the top of a module: the web layer
-imports this package (through inference.loader) while Django starts, and Django starts without
-torch (tests/inference/test_loader.py).
+Every module but ``errors`` and ``params`` imports torch at its top. The web layer imports
+those two (what callers catch, what they ask for) while Django starts, and Django starts without
+torch (tests/inference/test_loader.py), so this package's other names load on first use.
 """
 
-from inference.engine.adapters import Adapter
+import importlib
+
 from inference.engine.errors import EngineClosed, EngineError, PromptTooLong, QueueFull, UnsupportedModel
-from inference.engine.prefill import PREFILL_SHARE
-from inference.engine.requests import Completion, Generation, Sampling
-from inference.engine.scheduler import Engine
-from inference.engine.weights import QUANTIZE_CHOICES, DecoderWeights
+from inference.engine.params import GenerationParams
+
+_LAZY = {
+    "Adapter": "adapters",
+    "Completion": "requests",
+    "DecoderWeights": "weights",
+    "Engine": "scheduler",
+    "Generation": "requests",
+    "PREFILL_SHARE": "prefill",
+    "QUANTIZE_CHOICES": "weights",
+}
 
 __all__ = [
-    "PREFILL_SHARE",
-    "QUANTIZE_CHOICES",
-    "Adapter",
-    "Completion",
-    "DecoderWeights",
-    "Engine",
     "EngineClosed",
     "EngineError",
-    "Generation",
+    "GenerationParams",
     "PromptTooLong",
     "QueueFull",
-    "Sampling",
     "UnsupportedModel",
+    *_LAZY,
 ]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

@@ -3,6 +3,8 @@
 
 import math
 
+import torch
+
 from inference.engine.errors import EngineError
 from inference.engine.weights import _MODULE_PATHS
 
@@ -13,7 +15,6 @@ class Adapter:
     scaling), so that delta = (x @ A.T) @ B.T."""
 
     def __init__(self, name, state, config, decoder):
-        import torch
 
         if config.get("use_dora") or config.get("fan_in_fan_out"):
             raise EngineError("DoRA and fan_in_fan_out adapters are not supported")

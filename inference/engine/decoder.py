@@ -3,11 +3,16 @@ a static key/value cache, with the same arithmetic as transformers' own, so gree
 `model.generate`'s. Plain `generate` spends most of a step outside the matrix products; here a
 step is the products, a few dozen element-wise operations per layer and nothing else.
 
-Prompts always run on the fp32 weights, with torch's products, and so does a lone sequence's step
-on an fp32 engine (the same arithmetic as `generate`). The steps of several sequences, and any on
-an int8 engine, go through the native kernels (inference/native) in one call for every layer,
-since torch's product repacks the weights on every call and runs at a third of the memory's speed
-for a handful of rows."""
+Prompts run with torch's products on the exact weights (blocks expanded to their floats first:
+the same numbers as fp32's prompt pass), and so does a lone sequence's step on unpacked fp32
+weights (the same arithmetic as `generate`). Every other decode step goes through the native
+kernels (inference/native) in one call for every layer: on blocks they read a sixth of fp32's
+bytes, and on fp32 torch's product repacks the weights on every call and runs at a third of the
+memory's speed for a handful of rows."""
+
+import numpy
+import torch
+import torch.nn.functional as F
 
 from inference.engine.weights import GROUPS
 
@@ -25,12 +30,10 @@ class DecoderMixin:
         and values before it already in ``slot``), its keys and values kept in ``slot``
         (unless None). Decode: [B, 1], row i in cache slot ``slots[i]`` (default i) at
         positions[i]; several rows, or any on an int8 engine, go through the native kernels."""
-        import torch
-        import torch.nn.functional as F
 
         d = self.decoder
-        if not prefill and d.kernels is not None and (tokens.shape[0] > 1 or d.quantized):
-            return self._decode_native(tokens, positions, kernel="f32", slots=slots)
+        if not prefill and d.kernels is not None and (tokens.shape[0] > 1 or d.quantized or d.packed):
+            return self._decode_native(tokens, positions, kernel="exact", slots=slots)
         batch, length = tokens.shape
         rows = batch * length
         if prefill:
@@ -52,7 +55,7 @@ class DecoderMixin:
                 cached = slice(int(slots[0]), int(slots[0]) + 1)
             else:
                 cached = slots
-        hidden = d.embed[tokens.reshape(-1)]  # [rows, D]
+        hidden = d.embedding(tokens.reshape(-1))  # [rows, D]
         heads, kv_heads, scale = d.num_heads, d.num_kv_heads, d.head_dim**-0.5
         q_width, kv_width = heads * d.head_dim, kv_heads * d.head_dim
         for index, layer in enumerate(d.layers):
@@ -121,29 +124,27 @@ class DecoderMixin:
             for index in range(len(d.layers))
         ] if adapters else []  # fmt: skip
         hidden = d.kernels.decode_layers(
-            d.embed[tokens.reshape(-1)], d.native_layers[kernel], deltas, self._keys, self._values,
+            d.embedding(tokens.reshape(-1)), d.native_layers[kernel], deltas, self._keys, self._values,
             d.cos[positions], d.sin[positions], positions, slots, d.num_heads, d.num_kv_heads, d.head_dim**-0.5, d.eps,
         )  # fmt: skip
         return self._head(d.kernels.rms_norm(hidden, d.norm, d.eps), kernel=kernel)
 
     def _head(self, last, *, kernel=None):
         """Logits [rows, vocab] of the final hidden states."""
-        import torch
 
         d = self.decoder
-        if kernel != "int8":
+        if kernel != "int8" or d.lm_head.scales is None:  # no int8 copy of a head in blocks
             return d.lm_head(last, kernel=kernel)
         logits = d.lm_head(last, kernel="int8")
         # A greedy pick and nearly all sampled mass are among the best few: rescore those with
         # the fp32 rows, so int8 changes the choice only when it misranks the best.
         best = logits.topk(min(_EXACT_CANDIDATES, logits.shape[-1]), dim=-1).indices  # [rows, k]
-        exact = torch.einsum("rd,rkd->rk", last, d.lm_head.dense[best])
+        exact = torch.einsum("rd,rkd->rk", last, d.lm_head.rows(best))
         return logits.scatter_(1, best, exact)
 
     def _adapter_rows(self, slots=None):
         """[(adapter, rows)] for a step's rows (row i of the sequence in slot ``slots[i]``,
         default i): rows None when every row uses it."""
-        import torch
 
         owners = self._active if slots is None else [self._active[slot] for slot in slots.tolist()]
         groups = {}
@@ -181,8 +182,6 @@ def _lazy_zeros(shape):
     cache then takes memory for the context lengths in use, not for the worst case. Zeros,
     not garbage: a masked position still multiplies a probability of 0 by what it holds,
     and 0 x NaN is NaN."""
-    import numpy
-    import torch
     from numpy._core.multiarray import _set_madvise_hugepage
 
     previous = _set_madvise_hugepage(False)
@@ -193,14 +192,12 @@ def _lazy_zeros(shape):
 
 
 def _rms_norm(x, weight, eps):
-    import torch
 
     variance = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(variance + eps))
 
 
 def _rotate_half(x):
-    import torch
 
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

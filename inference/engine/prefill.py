@@ -4,6 +4,8 @@ running streams keep their pace while they arrive."""
 import os
 import time
 
+import torch
+
 from inference.engine.sampling import choose
 
 # Prompt openings whose keys and values are kept for reuse (per engine), how long they may be,
@@ -74,7 +76,6 @@ class PrefillMixin:
     def _prefill(self, slot, sequence, count):
         """Run the next ``count`` prompt tokens of ``sequence`` into its slot, after those already
         there; after the last, choose its first token. Returns the seconds it took."""
-        import torch
 
         ids = sequence.generation.prompt_ids
         start = sequence.position

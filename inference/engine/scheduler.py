@@ -9,6 +9,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 
+import torch
+import torch.nn.functional as F
+
 from inference import telemetry
 from inference.engine.decoder import DecoderMixin, _lazy_zeros
 from inference.engine.errors import EngineClosed, EngineError, PromptTooLong, QueueFull
@@ -112,8 +115,6 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
         teacher-forced on these weights (and ``adapter``): the validation loss training reports when
         nothing is cut at max_seq_length (training scores examples as cut, and drops those that do not fit).
         One prompt-sized pass outside the batch; it keeps nothing in the cache."""
-        import torch
-        import torch.nn.functional as F
 
         if not target_ids:
             return 0.0, 0
@@ -144,7 +145,6 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
     # The scheduler thread.
 
     def _run(self):
-        import torch
 
         with torch.inference_mode():
             while True:
@@ -220,7 +220,6 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
 
     def _step(self):
         """One token (or an int8 round's) for every sequence past its prompt."""
-        import torch
 
         rows, slots = self._decoding()
         batch = [s for _, s in rows]
@@ -243,7 +242,6 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
     def _decoding(self):
         """([(slot, sequence)] of the sequences past their prompt, by slot; their slots as a
         tensor, or None when row i is in slot i, as when no prompt is running)."""
-        import torch
 
         rows = [(slot, s) for slot, s in enumerate(self._active) if not s.prefilling]
         slots = None if len(rows) == len(self._active) else torch.tensor([slot for slot, _ in rows])

@@ -2,6 +2,8 @@
 int8 weights and checked in one pass over the fp32 weights, which chooses every token given out, so
 the text is fp32's."""
 
+import torch
+
 from inference.engine.sampling import choose
 
 # int8 drafting: tokens drafted per round, and the most sequences in a batch for which drafting
@@ -19,7 +21,6 @@ class SpeculativeMixin:
         also gives the fp32 choice after each one's last draft. The sequence takes the fp32
         choices up to and including the first one its draft missed: the tokens fp32 decoding
         would give (the same draws for a seeded sample), for about one fp32 pass per round."""
-        import torch
 
         rows, slots = self._decoding()
         batch = [s for _, s in rows]
@@ -41,7 +42,7 @@ class SpeculativeMixin:
         logits = self._decode_native(
             torch.tensor([token for ids in checks for token in ids])[:, None],
             torch.tensor([starts[row] + i for row, ids in enumerate(checks) for i in range(len(ids))]),
-            kernel="f32",
+            kernel="exact",
             slots=torch.tensor([slot for (slot, _), ids in zip(rows, checks, strict=True) for _ in ids]),
         )
         checked = logits.view(len(batch), drafts + 1, -1)

@@ -1,56 +1,88 @@
-"""A Llama-family model's weights laid out for decoding: fused projections (q|k|v, gate|up), fp32
-always and, with ``quantize="int8"``, int8 copies with one scale per output channel to draft tokens
-with (inference/engine/speculative.py: the native kernels read a quarter of the bytes per token,
-with fp32 activations), and the per-layer tensors the native decode step reads."""
+"""A Llama-family model's weights laid out for decoding: fused projections (q|k|v, gate|up) held
+as the model's exact weights, and, with ``quantize="int8"``, int8 copies with one scale per output
+channel to draft tokens with (inference/engine/speculative.py), and the per-layer tensors the
+native decode step reads.
+
+The exact weights are kept in the GGUF block format they were dequantised from whenever that is
+lossless (inference/engine/blocks.py): the base model's layers as Q4_1 and its embedding/head as
+Q8_0, about a sixth of fp32's memory and of the bytes a decode step reads, expanded by the native
+kernels to the very same floats. Weights that are not such blocks (a full fine-tune's) stay fp32,
+and so does everything when the native kernels are not built or ``pack`` is off."""
 
 import logging
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
+from inference.engine import blocks
 from inference.engine.errors import EngineError, UnsupportedModel
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
 
+# A prompt's rows at once: above this many, the projection expands its blocks to floats once and
+# uses torch's product (compute-bound, and the same numbers as fp32's prompt pass); below, the
+# native kernel expands them in registers for each pass of rows.
+_EXPAND_ROWS = 16
+
 
 class _Projection:
     """One linear layer (several fused along the output: q|k|v, gate|up)."""
 
-    def __init__(self, weight, bias, kernels, *, quantize):
-        import torch
+    def __init__(self, weight, bias, kernels, *, quantize, pack, format="q4_1", packed=None):
 
         self.bias = bias
-        self.out_features = weight.shape[0]
-        # fp32 always: a prompt (many rows at once) is compute-bound, and fp32 products beat
-        # dequantising int8 on every prompt by a third here.
-        self.dense = self.weight = weight.contiguous()
-        self.scales = None
+        self.out_features, self.in_features = weight.shape
         self.kernels = kernels
-        if quantize:
-            # Decoding (a few rows per step) is bound by the bytes read: int8 with one scale per
-            # output channel, multiplied with fp32 activations by the native kernel.
+        self.packed = packed if packed is not None else (blocks.pack(weight, format, kernels) if pack else None)
+        # fp32 only when the weights are not blocks: a prompt (many rows at once) is
+        # compute-bound, and fp32 products beat dequantising int8 on every prompt by a third here.
+        self.dense = weight.contiguous() if self.packed is None else None
+        self.weight, self.scales = self.dense, None
+        if quantize and self.packed is None:
+            # int8 drafts: one scale per output channel, multiplied with fp32 activations by the
+            # native kernel; lossy, so every token they draft is checked on the exact weights.
+            # Not for blocks: 4-bit blocks read fewer bytes than int8 copies of them would.
             scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
             self.weight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
             self.scales = scales.to(torch.float32).contiguous()
 
     def __call__(self, x, *, kernel=None):
         """x @ W.T (+ bias). ``kernel`` None: torch's fp32 product (prompts, and a lone
-        sequence's steps on an fp32 engine: transformers' own numbers); "f32" or "int8": the
-        native kernel on the fp32 or int8 weights, which computes each row on its own. A decode
-        step's layers run in kernels.decode_layers from the same weights; this serves the head
-        and torch's path."""
-        import torch.nn.functional as F
+        sequence's steps on unpacked weights: transformers' own numbers), or the native block
+        kernel for a few rows of packed weights; "exact" or "int8": the native kernel on the
+        exact (fp32 or block) or int8 weights, which computes each row on its own. A decode
+        step's layers run in kernels.decode_layers from the same weights; this serves the head,
+        prompts and torch's path."""
 
-        if kernel is None:
-            return F.linear(x, self.dense, self.bias)
-        if kernel == "int8":
+        if kernel == "int8" and self.scales is not None:
             y = self.kernels.int8_linear(x.contiguous(), self.weight, self.scales)
+        elif self.packed is not None:
+            if kernel is None and x.shape[0] > _EXPAND_ROWS:
+                return F.linear(x, self.kernels.block_dequantize(*self.packed), self.bias)
+            y = self.kernels.block_linear(x.contiguous(), *self.packed)
+        elif kernel is None:
+            return F.linear(x, self.dense, self.bias)
         else:
             y = self.kernels.f32_linear(x.contiguous(), self.dense)
         return y if self.bias is None else y + self.bias
 
+    def rows(self, index):
+        """The exact weight rows ``index`` (a LongTensor of any shape) as floats, [*index.shape, in]."""
+        if self.packed is None:
+            return self.dense[index]
+        flat = blocks.rows_dequantize(self.packed, index.reshape(-1), self.kernels)
+        return flat.view(*index.shape, self.in_features)
+
+    def exact_parts(self):
+        """(weight, scale) of the exact weights as kernels.decode_layers takes them."""
+
+        return self.packed if self.packed is not None else (self.dense, torch.empty(0))
+
     def nbytes(self):
-        size = self.dense.numel() * 4
+        size = self.dense.numel() * 4 if self.packed is None else sum(t.numel() * t.element_size() for t in self.packed)
         return size + (0 if self.scales is None else self.weight.numel() + self.scales.numel() * 4)
 
 
@@ -85,8 +117,9 @@ _MODULE_PATHS = {
 class DecoderWeights:
     """A Llama-family causal LM's weights laid out for decoding."""
 
-    def __init__(self, model, *, quantize="none"):
-        import torch
+    def __init__(self, model, *, quantize="none", pack=True):
+        """``pack``: keep weights that are lossless GGUF blocks as blocks (needs the native
+        kernels); off, every weight is fp32, the reference the packed engine is tested against."""
 
         if quantize not in QUANTIZE_CHOICES:
             raise EngineError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, not {quantize!r}")
@@ -104,8 +137,10 @@ class DecoderWeights:
         except native.NativeUnavailable as exc:
             if self.quantized:
                 raise EngineError(f"INFERENCE_QUANTIZE=int8: {exc}") from exc
-            # fp32 still runs: batched steps then go through torch's products, about half as fast.
-            logger.warning("fp32 batched decoding falls back to torch's products: %s", exc)
+            # fp32 still runs, at a fraction of the speed: weights that the kernels would read as
+            # 4-bit blocks stay fp32, and batched steps go through torch's products.
+            logger.warning("decoding falls back to fp32 weights and torch's products: %s", exc)
+        pack = pack and self.kernels is not None
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -123,21 +158,46 @@ class DecoderWeights:
                     weight = torch.cat([m.weight.detach() for m in linears]) if len(linears) > 1 else linears[0].weight
                     biases = [m.bias for m in linears]
                     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-                    return _Projection(weight.detach().to(torch.float32), bias, self.kernels, quantize=self.quantized)
+                    return _Projection(
+                        weight.detach().to(torch.float32), bias, self.kernels, quantize=self.quantized, pack=pack
+                    )
 
                 self.layers.append(
                     _Layer(
-                        input_norm=layer.input_layernorm.weight.detach(),
+                        input_norm=layer.input_layernorm.weight.detach().clone(),
                         qkv=fused("qkv"),
                         o=fused("o"),
-                        post_norm=layer.post_attention_layernorm.weight.detach(),
+                        post_norm=layer.post_attention_layernorm.weight.detach().clone(),
                         gate_up=fused("gate_up"),
                         down=fused("down"),
                     )
                 )
-            self.norm = model.model.norm.weight.detach()
-            self.embed = model.model.embed_tokens.weight.detach()
-            self.lm_head = _Projection(model.lm_head.weight.detach(), None, self.kernels, quantize=self.quantized)
+            # Copies, like every packed tensor: a view would keep the loaded checkpoint (mapped from
+            # its file, every page of it read while packing) resident for its few norm weights.
+            self.norm = model.model.norm.weight.detach().clone()
+            embed = model.model.embed_tokens.weight.detach().to(torch.float32)
+            self.embed = _Projection(embed, None, self.kernels, quantize=False, pack=pack, format="q8_0")
+            head = model.lm_head.weight.detach().to(torch.float32)
+            self.tied = tied = head.data_ptr() == embed.data_ptr()
+            self.lm_head = _Projection(
+                head, None, self.kernels, quantize=self.quantized, pack=pack, format="q8_0",
+                packed=self.embed.packed if tied else None,
+            )  # fmt: skip
+            self.packed = [p.packed is not None for layer in self.layers for p in _projections(layer)]
+            self.packed += [self.lm_head.packed is not None]
+            if pack and not all(self.packed):
+                logger.info(
+                    "%d of %d projections are not lossless GGUF blocks (a full fine-tune's weights): they stay fp32",
+                    self.packed.count(False),
+                    len(self.packed),
+                )
+            self.packed = any(self.packed)
+            if self.quantized and not any(p.scales is not None for layer in self.layers for p in _projections(layer)):
+                logger.info(
+                    "INFERENCE_QUANTIZE=int8 drafts nothing here: every projection is a 4-bit block, which "
+                    "reads fewer bytes per token than an int8 copy would"
+                )
+                self.quantized = False
             # transformers' own rotary module, evaluated once for every position: any rope variant the
             # checkpoint declares, with the same arithmetic as at training time.
             positions = torch.arange(self.max_positions)[None]
@@ -148,12 +208,12 @@ class DecoderWeights:
         self.native_layers = {}
         if self.kernels is not None:
             none = torch.empty(0)
-            for kernel in ("int8", "f32") if self.quantized else ("f32",):
+            for kernel in ("int8", "exact") if self.quantized else ("exact",):
 
                 def parts(p, kernel=kernel):
-                    if kernel == "int8":
+                    if kernel == "int8" and p.scales is not None:
                         return [p.weight, p.scales, none if p.bias is None else p.bias]
-                    return [p.dense, none, none if p.bias is None else p.bias]
+                    return [*p.exact_parts(), none if p.bias is None else p.bias]
 
                 self.native_layers[kernel] = [
                     [
@@ -179,9 +239,17 @@ class DecoderWeights:
             "down": {"down_proj": (0, self.hidden_size)},
         }
 
+    def embedding(self, ids):
+        """The embeddings [len(ids), D] of the token ids ``ids`` (a LongTensor)."""
+        return self.embed.rows(ids)
+
     def nbytes(self):
-        projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        total = sum(p.nbytes() for p in projections) + self.embed.numel() * 4
-        if self.lm_head.dense.data_ptr() != self.embed.data_ptr():  # not tied
-            total += self.lm_head.dense.numel() * 4
-        return total + (0 if self.lm_head.scales is None else self.lm_head.weight.numel() + self.vocab_size * 4)
+        total = sum(p.nbytes() for layer in self.layers for p in _projections(layer)) + self.embed.nbytes()
+        head = self.lm_head
+        if not self.tied:
+            return total + head.nbytes()
+        return total + (0 if head.scales is None else head.weight.numel() + head.scales.numel() * 4)
+
+
+def _projections(layer):
+    return (layer.qkv, layer.o, layer.gate_up, layer.down)

@@ -12,7 +12,8 @@ from finetuning import prompts, store
 from finetuning.models import ModelVersion
 from inference import engine as engine_module
 from inference import loader
-from inference.generation import GenerationParams, generate, generation_collect, generation_submit
+from inference.engine.params import GenerationParams
+from inference.generation import generate, generation_collect, generation_submit
 
 
 def test_a_version_loads_once_and_is_cached(base_version):
@@ -94,10 +95,10 @@ def _peft(lora, base_version, *, merged):
 
 def _decoder_storages(decoder):
     """data_ptr -> element count of every tensor the engine decodes with (the rotary tables aside)."""
-    tensors = [decoder.embed, decoder.norm, decoder.lm_head.weight]
+    tensors = [decoder.embed.dense, decoder.norm, decoder.lm_head.dense]  # the tiny model's are no GGUF blocks
     for layer in decoder.layers:
         tensors += [layer.input_norm, layer.post_norm]
-        tensors += [p.weight for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        tensors += [p.dense for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     return {t.untyped_storage().data_ptr(): t.numel() for t in tensors}
 
 
@@ -213,7 +214,7 @@ def test_a_base_model_no_version_uses_is_freed(base_version, loras, full, settin
     engine._thread.join(timeout=10)
     assert not engine._thread.is_alive(), "the unloaded weights' scheduler thread still runs"
     with pytest.raises(engine_module.EngineClosed):
-        engine.submit(prompt_ids=[1, 2], sampling=engine_module.Sampling(), max_new_tokens=1, timeout=5)
+        engine.submit(prompt_ids=[1, 2], sampling=GenerationParams(), max_new_tokens=1, timeout=5)
     del engine
     gc.collect()
     assert decoder() is None, "the unloaded base model's weights are still in memory"

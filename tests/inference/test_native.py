@@ -219,7 +219,7 @@ def test_the_start_up_check_says_what_is_missing_and_what_to_run(settings, tmp_p
     settings.INFERENCE_NATIVE_DIR = tmp_path
     [warning] = native_kernels_check(None)
     assert warning.id == "inference.W003"
-    assert "fp32 decoding falls back" in warning.msg and "run `make native`" in warning.msg
+    assert "decoding falls back to fp32 weights" in warning.msg and "run `make native`" in warning.msg
     settings.INFERENCE_QUANTIZE = "int8"
     [warning] = native_kernels_check(None)
     assert warning.id == "inference.W004" and "int8 will refuse to load models" in warning.msg
