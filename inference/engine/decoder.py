@@ -3,12 +3,12 @@ a static key/value cache, with the same arithmetic as transformers' own, so gree
 `model.generate`'s. Plain `generate` spends most of a step outside the matrix products; here a
 step is the products, a few dozen element-wise operations per layer and nothing else.
 
-Prompts run with torch's products on the exact weights (blocks expanded to their floats first:
-the same numbers as fp32's prompt pass), and so does a lone sequence's step on unpacked fp32
-weights (the same arithmetic as `generate`). Every other decode step goes through the native
-kernels (inference/native) in one call for every layer: on blocks they read a sixth of fp32's
-bytes, and on fp32 torch's product repacks the weights on every call and runs at a third of the
-memory's speed for a handful of rows."""
+Prompts run layer by layer here, their projections on the native block kernel (blocks) or
+torch's product (fp32 weights), and so does a lone sequence's step on fp32 weights (the same
+arithmetic as `generate`). Every other decode step goes through the native kernels
+(inference/native) in one call for every layer: on blocks they read a sixth of fp32's bytes, and
+on fp32 torch's product repacks the weights on every call and runs at a third of the memory's
+speed for a handful of rows."""
 
 import numpy
 import torch
