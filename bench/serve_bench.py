@@ -1,7 +1,7 @@
 """Serving speed: plain `model.generate` against the serving engine and the HTTP service.
 
-    python bench/serve_bench.py [--prompts 8] [--new-tokens 64] [--quantize none,int8] [--clients 8]
-                                [--skip-http] [--json PATH]
+    python bench/serve_bench.py [--prompts 8] [--new-tokens 64] [--quantize none,int8,fp32] [--clients 8]
+                                [--skip-http] [--anchors] [--json PATH]
 
 Everything uses the prepared SmolLM2 base (``python manage.py prepare_base_model``),
 the same prompts (the prompt builder on the first ``--prompts`` products of
@@ -15,7 +15,11 @@ this script starts), with the machine otherwise idle:
    is the baseline.
 2. engine: the service's engine (inference/engine/), in this process, one
    request at a time, then ``--clients`` requests submitted at once; for each
-   ``--quantize`` setting.
+   ``--quantize`` setting: ``none`` and ``int8`` are INFERENCE_QUANTIZE's values
+   with the default INFERENCE_PACK_WEIGHTS=true (the base's weights as their
+   GGUF blocks; int8 drafts nothing on blocks), ``fp32`` and ``fp32-int8`` the
+   same with INFERENCE_PACK_WEIGHTS=false (every weight fp32: the reference, and
+   int8 drafts checked on fp32).
 3. http: ``gunicorn -c docker/gunicorn.conf.py`` with one worker process on a
    scratch SQLite database whose active version is the base model; one client
    (plain JSON, then streaming: time to first token), then ``--clients``
@@ -27,9 +31,19 @@ Tokens per second: completion tokens / wall time of the requests (prompt
 processing included, as a client sees it). Single-stream figures are the
 mean over the prompts. Latency percentiles are over requests. HTTP overhead
 at one client: (HTTP latency - engine latency) / engine latency for the same
-prompts and settings. The fp32 engine's greedy text must equal the baseline's
-for every prompt, and so must the int8 engine's, whose drafts are checked
-on the fp32 weights (checked and printed).
+prompts and settings. Every engine's greedy text must equal the baseline's
+for every prompt (checked and printed): the blocks expand to the very same
+weights, and int8 drafts are checked on the exact weights.
+
+With ``--anchors``, other runtimes join the same table, measured in the same
+run on the same prompts and token ids (bench/anchors.py says how each is
+driven): CTranslate2 float32 and int8 (the base converted once into
+``var/bench/ctranslate2/``, untimed), one at a time and ``--clients`` copies
+of the prompts in one ``generate_batch`` call with ``--clients`` as its batch
+cap; and llama.cpp through llama-cpp-python on the GGUF the base was prepared
+from, one at a time only (one sequence per ``Llama`` object), when
+llama-cpp-python is installed (requirements/bench.txt says how). Each anchor's
+"same text" column counts the prompts whose greedy text equals the baseline's.
 
 This is a benchmark, not a test: it exits 0 whatever the numbers, and 1 only
 when it cannot set up.
@@ -50,6 +64,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
 from gunicorn_process import gunicorn_start  # noqa: E402
 from train_bench import ADIDAS_CSV, ROOT, base_dir_get, django_setup, examples_load  # noqa: E402
 
@@ -130,17 +145,24 @@ def baseline_run(base_dir, prompts, new_tokens, threads):
 # --- 2. engine ----------------------------------------------------------------
 
 
-def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
-    from inference.engine import Sampling
+# --quantize names: (INFERENCE_QUANTIZE, INFERENCE_PACK_WEIGHTS)
+SETTINGS = {"none": ("none", True), "int8": ("int8", True), "fp32": ("none", False), "fp32-int8": ("int8", False)}
+
+
+def engine_run(base_dir, prompts, new_tokens, setting, clients, threads):
+    from inference.engine import GenerationParams
     from inference.loader import engine_for_directory
 
-    engine = engine_for_directory(base_dir, quantize=quantize, max_batch=clients,
+    quantize, pack = SETTINGS[setting]
+    engine = engine_for_directory(base_dir, quantize=quantize, pack=pack, max_batch=clients,
                                   max_queue=4 * clients * len(prompts), max_tokens=1024, threads=threads)  # fmt: skip
     tokenizer = engine.tokenizer
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
     def submit(prompt_ids):
-        return engine.submit(prompt_ids=prompt_ids, sampling=Sampling(), max_new_tokens=new_tokens, timeout=3600)
+        return engine.submit(
+            prompt_ids=prompt_ids, sampling=GenerationParams(), max_new_tokens=new_tokens, timeout=3600
+        )
 
     def finish(generation):
         return [event[2] for event in generation if event[0] == "done"][0]
@@ -156,7 +178,7 @@ def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
         ttfts.append(generation.first_token_at - generation.submitted_at)
         texts.append(completion.text)
         tokens += completion.tokens
-    single = summary(f"engine {quantize}, one at a time", latencies, tokens, time.perf_counter() - started, texts,
+    single = summary(f"engine {setting}, one at a time", latencies, tokens, time.perf_counter() - started, texts,
                      statistics.median(ttfts))  # fmt: skip
     single["single_tok_s"] = tokens / sum(latencies)
 
@@ -168,7 +190,7 @@ def engine_run(base_dir, prompts, new_tokens, quantize, clients, threads):
         completion = finish(generation)
         latencies.append(completion.finished_at - generation.submitted_at)
         tokens += completion.tokens
-    batched = summary(f"engine {quantize}, {clients} at once", latencies, tokens, time.perf_counter() - started)
+    batched = summary(f"engine {setting}, {clients} at once", latencies, tokens, time.perf_counter() - started)
     engine.close(wait=10)
     return single, batched
 
@@ -185,7 +207,8 @@ def _free_port():
 class Server:
     """gunicorn with the documented config, on a scratch database whose active version is the base."""
 
-    def __init__(self, quantize, threads, scratch):
+    def __init__(self, setting, threads, scratch):
+        quantize, pack = SETTINGS[setting]
         self.port = _free_port()
         self.env = {
             **os.environ,
@@ -194,6 +217,7 @@ class Server:
             "SECRET_KEY": os.environ.get("SECRET_KEY", "serve-bench-only"),
             "DATABASE_URL": f"sqlite:///{scratch / 'bench.sqlite3'}",
             "INFERENCE_QUANTIZE": quantize,
+            "INFERENCE_PACK_WEIGHTS": str(pack).lower(),
             "INFERENCE_TORCH_THREADS": str(threads),
             "WEB_CONCURRENCY": "1",
             "GUNICORN_BIND": f"127.0.0.1:{self.port}",
@@ -203,7 +227,7 @@ class Server:
         for command in (["migrate", "--noinput"], ["prepare_base_model"]):
             subprocess.run([python, "manage.py", *command], cwd=ROOT, env=self.env, check=True,
                            stdout=subprocess.DEVNULL)  # fmt: skip
-        self.process, self.log = gunicorn_start(self.env, scratch / f"gunicorn-{quantize}.log", self.port, timeout=120)
+        self.process, self.log = gunicorn_start(self.env, scratch / f"gunicorn-{setting}.log", self.port, timeout=120)
 
     def worker_rss_mb(self):
         """Resident memory of the worker process(es), MB."""
@@ -292,24 +316,91 @@ def http_run(server, products, new_tokens, clients):
     return single, stream, concurrent
 
 
+# --- 4. anchors: other runtimes (bench/anchors.py) ------------------------------
+
+
+def anchor_call(runner, *args):
+    """``anchors.<runner>(*args)``, for _isolated: each anchor loads its runtime in a fresh process."""
+    return getattr(anchors, runner)(*args)
+
+
+def anchor_rows(measurements, baseline):
+    """Rows as summary() makes the others', with the share of prompts whose text is the baseline's."""
+    rows = []
+    for measured in measurements:
+        measured = dict(measured)
+        single = measured.pop("single")
+        row = summary(**measured)
+        if single:
+            row["single_tok_s"] = row["tokens"] / sum(measured["latencies"])
+            same = [a == b for a, b in zip(row["texts"], baseline["texts"], strict=True)]
+            row["same"] = f"{sum(same)}/{len(same)}"
+        rows.append(row)
+    return rows
+
+
+def anchors_prepare(base_dir):
+    """What the anchors load, made before any row is timed (so that a conversion that fails stops the
+    run before the measuring), and a line for each runtime skipped, saying how to install it."""
+    from django.conf import settings
+
+    prepared, skipped = {"ctranslate2": None, "gguf": None}, []
+    if anchors.available("ctranslate2"):
+        cache = settings.VAR_DIR / "bench" / "ctranslate2"
+        prepared["ctranslate2"] = _isolated(anchor_call, "ctranslate2_convert", base_dir, cache)
+    else:
+        skipped.append(anchors.CTRANSLATE2_INSTALL)
+    if not anchors.available("llama_cpp"):
+        skipped.append(anchors.LLAMA_CPP_INSTALL)
+    elif (gguf := anchors.llama_cpp_gguf(base_dir)) is None:
+        skipped.append("llama.cpp anchor skipped: the base was not prepared from a GGUF file")
+    else:
+        prepared["gguf"] = gguf
+    return prepared, skipped
+
+
+def anchors_run(args, prepared, base_dir, prompts, baseline):
+    """The anchors' rows and check lines, for what anchors_prepare() made."""
+    rows, checks = [], []
+    if model_dir := prepared["ctranslate2"]:
+        for compute_type in ("float32", "int8"):
+            measured = _isolated(anchor_call, "ctranslate2_run", model_dir, base_dir, prompts, args.new_tokens,
+                                 compute_type, args.clients, args.threads)  # fmt: skip
+            rows.extend(anchor_rows(measured, baseline))
+    if gguf := prepared["gguf"]:
+        measured, same_ids = _isolated(anchor_call, "llama_cpp_run", gguf, base_dir, prompts, args.new_tokens,
+                                       args.threads)  # fmt: skip
+        rows.extend(anchor_rows(measured, baseline))
+        name = measured[0]["name"].removesuffix(", one at a time")
+        rows.append({"name": f"{name}, {args.clients} at once", "na": "one sequence per Llama object"})
+        checks.append(f"{name}: {Path(gguf).name}, fed the base tokenizer's ids; llama.cpp's own tokenizer "
+                      f"gives the same ids for {same_ids}/{len(prompts)} prompts")  # fmt: skip
+    return rows, checks
+
+
 # --- report -------------------------------------------------------------------
 
 
 def report(rows, baseline, checks):
-    head = f"{'':44} {'tok/s':>7} {'single':>7} {'x base':>7} {'p50 s':>7} {'p95 s':>7} {'TTFT s':>7}"
+    head = f"{'':44} {'tok/s':>7} {'single':>7} {'x base':>7} {'p50 s':>7} {'p95 s':>7} {'TTFT s':>7} {'same text':>9}"
     print(head)
     print("-" * len(head))
     for row in rows:
+        if "na" in row:  # a runtime that cannot do what the row measures: no number rather than a made-up one
+            print(f"{row['name']:44} {'n/a':>7}  ({row['na']})")
+            continue
         single = row.get("single_tok_s")
         ratio = (single or row["tok_s"]) / baseline
         ttft = row.get("ttft_s")
         print(
             f"{row['name']:44} {row['tok_s']:7.1f} {single if single else float('nan'):7.1f} {ratio:7.2f} "
-            f"{row['p50_s']:7.2f} {row['p95_s']:7.2f} {'' if ttft is None else f'{ttft:7.3f}':>7}"
+            f"{row['p50_s']:7.2f} {row['p95_s']:7.2f} {'' if ttft is None else f'{ttft:7.3f}':>7} "
+            f"{row.get('same', ''):>9}"
         )
     print()
     print("'tok/s': completion tokens / wall time of the row; 'single': the same per request, one at a time;")
-    print("'x base': single (or tok/s for concurrent rows) over the baseline's single-stream tokens/s.")
+    print("'x base': single (or tok/s for concurrent rows) over the baseline's single-stream tokens/s;")
+    print("'same text': prompts whose greedy text equals the baseline's (anchors; the engine's are checked below).")
     print()
     for line in checks:
         print(line)
@@ -334,9 +425,14 @@ def main(argv=None):
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--quantize", default="none,int8", help="engine/HTTP settings to measure, comma-separated")
+    parser.add_argument(
+        "--quantize", default="none,int8,fp32", help=f"settings to measure, comma-separated, of {', '.join(SETTINGS)}"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the engine and the server")
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument(
+        "--anchors", action="store_true", help="also measure CTranslate2 and llama.cpp (bench/anchors.py)"
+    )
     parser.add_argument("--csv", type=Path, default=ADIDAS_CSV)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -354,6 +450,12 @@ def main(argv=None):
     products = [attributes for attributes, _ in examples_load(args.csv, args.prompts)]
     prompts = [prompt_builder.product_prompt(p) for p in products]
     quantizes = [q for q in args.quantize.split(",") if q]
+    unknown = sorted(set(quantizes) - set(SETTINGS))
+    if unknown:
+        parser.error(f"--quantize: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+
+    if args.anchors:
+        prepared, skipped = anchors_prepare(base_dir)
 
     rows = []
     baselines = [_isolated(baseline_run, base_dir, prompts, args.new_tokens, threads) for threads in (1, 2)]
@@ -378,6 +480,11 @@ def main(argv=None):
         same = [a == b for a, b in zip(single["texts"], best["texts"], strict=True)]
         checks.append(f"engine {quantize} greedy text == baseline: {sum(same)}/{len(same)} prompts "
                       f"({'PASS' if all(same) else 'FAIL'})")  # fmt: skip
+
+    if args.anchors:
+        extra_rows, extra_checks = anchors_run(args, prepared, base_dir, prompts, best)
+        rows.extend(extra_rows)
+        checks.extend(skipped + extra_checks)
 
     if not args.skip_http:
         scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
