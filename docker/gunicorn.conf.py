@@ -34,6 +34,9 @@ threads = int(os.environ.get("GUNICORN_THREADS", str(_batch + _queue + 8)))
 worker_class = "gthread"
 # Read by Django's settings in each worker (workers import the app after the fork).
 os.environ.setdefault("INFERENCE_TORCH_THREADS", str(max(1, _cores // workers)))
+# torch's OpenMP threads sleep between parallel regions instead of spinning on the cores the
+# engine's native kernels use (inference/loader.py, _openmp_passive, says what it measured).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 # A streamed answer or a queued request may take up to GENERATE_TIMEOUT_SECONDS; a gthread worker
