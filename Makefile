@@ -28,14 +28,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
 # more on 2 cores. The target is the build's own stamp (what it was built from: kernels.cpp, the
 # flags, torch, Python), in the directory the settings read (INFERENCE_NATIVE_DIR, else
 # $GENAPI_VAR_DIR/native); build_kernels does nothing when it is up to date. Without a C++
-# compiler the install goes on: fp32 then falls back to torch's products and int8 refuses to
-# load models, and the server says so at start.
+# compiler the install goes on: the weights then stay fp32 (no 4-bit blocks) and go through
+# torch's products, int8 refuses to load models, and the server says so at start.
 NATIVE_DIR := $(or $(INFERENCE_NATIVE_DIR),$(GENAPI_VAR_DIR:%=%/native),var/native)
 NATIVE_STAMP := $(NATIVE_DIR)/genapi_kernels.stamp
 
 $(NATIVE_STAMP): $(VENV)/.installed inference/native/kernels.cpp inference/native/__init__.py inference/native/build.py
 	@$(BIN)/python manage.py build_kernels \
-	  || echo "genapi: going on without the native decode kernels (fp32 is slower, int8 refuses); make native retries"
+	  || echo "genapi: going on without the native decode kernels (decoding is 4-6x slower, int8 refuses); make native retries"
 
 native: $(VENV)/.installed
 	$(BIN)/python manage.py build_kernels

@@ -9,11 +9,12 @@ from django.conf import settings as django_settings
 from django.core.management import call_command
 from django.test import override_settings
 
-from finetuning import store
+from finetuning import prompts, store
 from finetuning.models import Dataset, ModelVersion
 from finetuning.services.jobs import job_execute, job_retrain, job_start
 from finetuning.services.versions import version_activate
-from inference.loader import loaded_version_ids, loaded_weights_paths
+from inference.engine import GenerationParams
+from inference.loader import loaded_version_ids, loaded_weights_paths, model_get
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +65,21 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
     assert body["model_version"]["name"] == "base-SmolLM2-135M-Instruct"
     assert len(text.split()) >= 10 and "shoe" in text.lower()
 
+    # Served from the shipped GGUF's own 4-bit blocks, found again in the fp32 weights, with plain
+    # transformers' greedy text (issue 19).
+    loaded = model_get(base)
+    decoder = loaded.weights.decoder
+    assert (
+        decoder.packed
+        and decoder.nbytes() < 0.25 * (store.absolute(base.artifact_path) / "model.safetensors").stat().st_size
+    )
+    ids = loaded.tokenizer(prompts.product_prompt(PRODUCT), add_special_tokens=False)["input_ids"]
+    generation = loaded.weights.engine.submit(
+        prompt_ids=ids, sampling=GenerationParams(max_new_tokens=32), max_new_tokens=32, timeout=120
+    )
+    assert [event for event in generation if event[0] == "done"]
+    assert generation.sequences[0].tokens == _generate(store.absolute(base.artifact_path), ids, 32)
+
     call_command("load_examples")
     job = job_start(
         dataset=Dataset.objects.get(name="seed"),
@@ -90,3 +106,20 @@ def test_real_model_generates_fine_tunes_and_serves_the_new_version(real_store, 
     # Base and fine-tuned version are both loaded, on one copy of the base weights.
     assert set(loaded_version_ids()) == {base.pk, version.pk}
     assert loaded_weights_paths() == [base.artifact_path]
+
+
+def _generate(directory, ids, new_tokens):
+    """transformers' own greedy answer on the fp32 weights: its new token ids, through the first stop id."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32).eval()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with torch.inference_mode():
+        output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    row = output[0, len(ids) :].tolist()
+    cut = next((i for i, token in enumerate(row) if token in stops), None)
+    return row if cut is None else row[: cut + 1]
