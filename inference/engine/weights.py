@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("none", "int8")
 
+
 class _Projection:
     """One linear layer (several fused along the output: q|k|v, gate|up)."""
 

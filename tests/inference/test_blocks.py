@@ -147,7 +147,7 @@ def test_the_shipped_gguf_blocks_are_what_packing_finds(kernels, name):
     dense = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).astype(numpy.float32))
     values, scale = pack(dense, kind, kernels)
     raw = numpy.asarray(tensor.data).reshape(-1, 20 if kind == "q4_1" else 34)  # the file's block bytes
-    scales = raw[:, :4 if kind == "q4_1" else 2].copy().view(numpy.float16).astype(numpy.float32)
+    scales = raw[:, : 4 if kind == "q4_1" else 2].copy().view(numpy.float16).astype(numpy.float32)
     assert numpy.array_equal(scale.reshape(len(raw), -1).numpy(), scales)
     if kind == "q4_1":
         assert numpy.array_equal(values.numpy().reshape(-1, 16), raw[:, 4:])  # the same nibbles, byte for byte
