@@ -54,6 +54,24 @@ def _tokenized(base_dir, prompts):
     return tokenizer, [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], _stop_token_ids(tokenizer)
 
 
+def _one_at_a_time(name, one, inputs, tokenizer, stops):
+    """The one-stream row: ``one(input)`` -> (generated ids, seconds to the first token) for each
+    input in turn, after an untimed warm-up on the first."""
+    one(inputs[0])  # warm-up, untimed
+    latencies, texts, tokens, ttfts = [], [], 0, []
+    started = time.perf_counter()
+    for item in inputs:
+        t = time.perf_counter()
+        generated, ttft = one(item)
+        latencies.append(time.perf_counter() - t)
+        ttfts.append(ttft)
+        text, count = _finished(tokenizer, generated, stops)
+        texts.append(text)
+        tokens += count
+    return {"name": name, "latencies": latencies, "tokens": tokens, "single": True,
+            "wall": time.perf_counter() - started, "texts": texts, "ttft": statistics.median(ttfts)}  # fmt: skip
+
+
 def _finished(tokenizer, generated, stops):
     """(text, tokens) of one generation, as serve_bench's baseline makes them."""
     cut = next((i for i, token in enumerate(generated) if token in stops), None)
@@ -112,20 +130,8 @@ def ctranslate2_run(model_dir, base_dir, prompts, new_tokens, compute_type, clie
         generated = generator.generate_batch([start], callback=step, **options)[0].sequences_ids[0]
         return generated, first[0] - t
 
-    one(starts[0])  # warm-up, untimed
-    latencies, texts, tokens, ttfts = [], [], 0, []
-    started = time.perf_counter()
-    for start in starts:
-        t = time.perf_counter()
-        generated, ttft = one(start)
-        latencies.append(time.perf_counter() - t)
-        ttfts.append(ttft)
-        text, count = _finished(tokenizer, generated, stops)
-        texts.append(text)
-        tokens += count
     name = f"ctranslate2 {compute_type}"
-    single = {"name": f"{name}, one at a time", "latencies": latencies, "tokens": tokens, "single": True,
-              "wall": time.perf_counter() - started, "texts": texts, "ttft": statistics.median(ttfts)}  # fmt: skip
+    single = _one_at_a_time(f"{name}, one at a time", one, starts, tokenizer, stops)
 
     batch = [start for _ in range(clients) for start in starts]
     ended = [None] * len(batch)
@@ -184,18 +190,6 @@ def llama_cpp_run(gguf, base_dir, prompts, new_tokens, threads):
                 break
         return generated, first
 
-    one(ids[0])  # warm-up, untimed
-    latencies, texts, tokens, ttfts = [], [], 0, []
-    started = time.perf_counter()
-    for prompt_ids in ids:
-        t = time.perf_counter()
-        generated, ttft = one(prompt_ids)
-        latencies.append(time.perf_counter() - t)
-        ttfts.append(ttft)
-        text, count = _finished(tokenizer, generated, stops)
-        texts.append(text)
-        tokens += count
-    single = {"name": f"llama.cpp {Path(gguf).stem.rsplit('.', 1)[-1]}, one at a time", "latencies": latencies,
-              "tokens": tokens, "wall": time.perf_counter() - started, "texts": texts, "single": True,
-              "ttft": statistics.median(ttfts)}  # fmt: skip
+    name = f"llama.cpp {Path(gguf).stem.rsplit('.', 1)[-1]}, one at a time"
+    single = _one_at_a_time(name, one, ids, tokenizer, stops)
     return [single], same_ids
