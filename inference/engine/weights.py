@@ -178,15 +178,15 @@ class DecoderWeights:
                 head, None, self.kernels, quantize=self.quantized, pack=pack, format="q8_0",
                 packed=self.embed.packed if tied else None,
             )  # fmt: skip
-            self.packed = [p.packed is not None for layer in self.layers for p in _projections(layer)]
-            self.packed += [self.lm_head.packed is not None]
-            if pack and not all(self.packed):
+            packed = [p.packed is not None for layer in self.layers for p in _projections(layer)]
+            packed.append(self.lm_head.packed is not None)
+            if pack and not all(packed):
                 logger.info(
                     "%d of %d projections are not lossless GGUF blocks (a full fine-tune's weights): they stay fp32",
-                    self.packed.count(False),
-                    len(self.packed),
+                    packed.count(False),
+                    len(packed),
                 )
-            self.packed = any(self.packed)
+            self.packed = any(packed)  # some weights are blocks: decode steps go through the kernels
             if self.quantized and not any(p.scales is not None for layer in self.layers for p in _projections(layer)):
                 logger.info(
                     "INFERENCE_QUANTIZE=int8 drafts nothing here: every projection is a 4-bit block, which "
