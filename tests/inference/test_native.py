@@ -87,6 +87,17 @@ def test_rms_norm_and_silu_match_transformers(kernels):
     torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
 
 
+def test_silu_and_its_exponential_are_as_accurate_as_torchs_over_the_whole_float_range(kernels):
+    # The kernels' own vectorised e^x (kernels.cpp, exp_float) serves SiLU and attention's softmax.
+    gate = torch.linspace(-87, 87, 400_001)
+    ours = kernels.silu_mul(torch.cat([gate, torch.ones_like(gate)])[None].contiguous())[0].double()
+    exact = gate.double() / (1 + torch.exp(-gate.double()))
+    error = ((ours - exact).abs() / exact.abs().clamp(min=1e-38)).max().item() / torch.finfo(torch.float32).eps
+    theirs = torch.nn.functional.silu(gate).double()
+    error_torch = ((theirs - exact).abs() / exact.abs().clamp(min=1e-38)).max().item() / torch.finfo(torch.float32).eps
+    assert error <= max(2.0, error_torch)
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
