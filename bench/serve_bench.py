@@ -68,8 +68,9 @@ import anchors  # noqa: E402
 from gunicorn_process import gunicorn_start  # noqa: E402
 from train_bench import ADIDAS_CSV, ROOT, base_dir_get, django_setup, examples_load  # noqa: E402
 
-TARGET_SINGLE = 3.0  # single-stream tokens/s vs the baseline
-TARGET_CONCURRENT = 6.0  # aggregate tokens/s at --clients vs the baseline's single stream
+TARGET_SINGLE = 6.5  # single-stream tokens/s vs the baseline
+TARGET_CONCURRENT = 12.0  # aggregate tokens/s at --clients vs the baseline's single stream
+TARGET_LLAMA_CPP = 1.0  # single-stream tokens/s vs llama.cpp's, in the same run (--anchors)
 TARGET_OVERHEAD = 0.10  # HTTP + queueing, share of the engine's time, one client
 TARGET_TTFT = 0.5  # seconds, streaming, one client
 
@@ -485,6 +486,11 @@ def main(argv=None):
         extra_rows, extra_checks = anchors_run(args, prepared, base_dir, prompts, best)
         rows.extend(extra_rows)
         checks.extend(skipped + extra_checks)
+        llama = next((row for row in extra_rows if row["name"].startswith("llama.cpp") and "single_tok_s" in row), None)
+        for quantize, single in engine_single.items() if llama else ():
+            ratio = single["single_tok_s"] / llama["single_tok_s"]
+            checks.append(f"engine {quantize}: single-stream {ratio:.2f}x llama.cpp's "
+                          f"({'PASS' if ratio >= TARGET_LLAMA_CPP else 'FAIL'} >= {TARGET_LLAMA_CPP}x)")  # fmt: skip
 
     if not args.skip_http:
         scratch = Path(tempfile.mkdtemp(prefix="serve-bench-"))
