@@ -14,7 +14,7 @@ from finetuning.prompts import IM_END, IM_START, product_lines
 # The attributes whose values a description is expected to mention.
 COVERAGE_KEYS = ("name", "color", "category", "brand", "features")
 # Words too common to show that a value was mentioned.
-_STOPWORDS = frozenset("a an and at by for from in of on or the to with".split())
+STOPWORDS = frozenset("a an and at by for from in of on or the to with".split())
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _INSTRUCTION = "write a product description for this product"
 
@@ -46,6 +46,9 @@ METRICS = {
     "empty_share": Metric("empty outputs", "lower", percent=True, decimals=1),
     "echo_share": Metric("outputs echoing the prompt", "lower", percent=True, decimals=1),
     "format_failure_share": Metric("format failures (empty or echo)", "lower", percent=True, decimals=1),
+    # Outputs asserting a product fact (material, technology, sport, fit, certification: the
+    # vocabulary of finetuning/facts.py) that the product's attributes do not state.
+    "unsupported_claim_share": Metric("outputs with an unsupported claim", "lower", percent=True, decimals=1),
 }
 
 
@@ -53,7 +56,7 @@ def words(text):
     return _WORD.findall(text.lower().replace("\u2019", "'"))
 
 
-def _fold(word):
+def fold(word):
     """A crude singular without the possessive, so that 'shoes' mentions 'shoe', 'laces'
     mentions 'lace' and "men's" mentions 'men'."""
     if word.endswith("'s"):
@@ -91,15 +94,15 @@ def attribute_values(attributes):
 def mentions(text, value):
     """Whether ``text`` mentions ``value``: every content word of the value appears
     in the text as a word (case and plural aside), in any order."""
-    needed = {_fold(w) for w in words(value) if w not in _STOPWORDS}
+    needed = {fold(w) for w in words(value) if w not in STOPWORDS}
     if not needed:
         return False
-    return needed <= {_fold(w) for w in words(text)}
+    return needed <= {fold(w) for w in words(text)}
 
 
 def attribute_coverage(text, attributes):
     """The share of the product's values the text mentions; None when it has none."""
-    values = [value for value in attribute_values(attributes) if any(w not in _STOPWORDS for w in words(value))]
+    values = [value for value in attribute_values(attributes) if any(w not in STOPWORDS for w in words(value))]
     if not values:
         return None
     return sum(mentions(text, value) for value in values) / len(values)
@@ -161,8 +164,11 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def text_metrics(outputs, references, attributes, finish_reasons):
-    """Every metric of generated ``outputs`` (one per example) that needs no model."""
+def text_metrics(outputs, references, attributes, finish_reasons, fact_terms=None):
+    """Every metric of generated ``outputs`` (one per example) that needs no model. Without
+    ``fact_terms`` (the fact vocabulary, finetuning/facts.py) unsupported claims are not measured."""
+    from finetuning.facts import unsupported
+
     count = len(outputs)
     if not count or not len(references) == len(attributes) == len(finish_reasons) == count:
         raise ValueError("text_metrics needs one reference, attribute set and finish reason per output")
@@ -185,6 +191,9 @@ def text_metrics(outputs, references, attributes, finish_reasons):
         "empty_share": sum(empty) / count,
         "echo_share": sum(echo) / count,
         "format_failure_share": sum(e or c for e, c in zip(empty, echo, strict=True)) / count,
+        "unsupported_claim_share": None
+        if fact_terms is None
+        else sum(bool(unsupported(t, a, fact_terms)) for t, a in zip(stripped, attributes, strict=True)) / count,
     }
 
 

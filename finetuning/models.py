@@ -1,4 +1,5 @@
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -234,6 +235,41 @@ class Activation(models.Model):
         return f"{self.previous or '–'} -> {self.version}"
 
 
+class FactTerm(models.Model):
+    """A curator's addition to the fact vocabulary of the unsupported-claims metric: a word or
+    phrase that states a product fact (finetuning/facts.py; the reviewed vocabulary shipped with
+    the code is finetuning/fact_terms.json). Evaluations started after it is added use it."""
+
+    class Kind(models.TextChoices):
+        MATERIAL = "material"
+        TECHNOLOGY = "technology"
+        SPORT = "sport"
+        FIT = "fit"
+        CERTIFICATION = "certification"
+
+    term = models.CharField(
+        max_length=80, unique=True, help_text="As a description would say it, e.g. 'suede' or 'regular fit'."
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["term"]
+
+    def __str__(self):
+        return self.term
+
+    def clean(self):
+        from finetuning.facts import shipped_terms
+        from finetuning.metrics import words
+
+        self.term = " ".join(self.term.split()).lower()
+        if not words(self.term):
+            raise ValidationError({"term": "must contain a word (letters or digits)"})
+        if self.term in shipped_terms():
+            raise ValidationError({"term": f"{self.term!r} is already in the shipped vocabulary (fact_terms.json)"})
+
+
 class Evaluation(LongRunningWork):
     """A version scored on its snapshot's validation examples next to the active
     version and the base model, same examples, same decoding."""
@@ -247,6 +283,9 @@ class Evaluation(LongRunningWork):
         default=False, help_text="Started by a finished job (the promotion gate) rather than by a curator."
     )
     promotion = models.JSONField(default=dict, blank=True, help_text="The promotion gate's decision.")
+    fact_terms = models.JSONField(
+        null=True, blank=True, help_text="The fact vocabulary its unsupported-claims metric used (none: not measured)."
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]

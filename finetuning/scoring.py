@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from finetuning.facts import unsupported
 from finetuning.metrics import loss_metrics, text_metrics
 from finetuning.prompts import product_prompt, training_pair
 
@@ -51,9 +52,10 @@ def work_units(examples):
     return 2 * len(examples)
 
 
-def version_score(version, examples, decoding, *, on_progress=None):
-    """Score ``version`` on ``examples`` ([{attributes, description}, ...]).
-    ``on_progress(units done)`` is called as work finishes (see work_units)."""
+def version_score(version, examples, decoding, *, fact_terms=None, on_progress=None):
+    """Score ``version`` on ``examples`` ([{attributes, description}, ...]); ``fact_terms``: the
+    fact vocabulary of the unsupported-claims metric (None: not measured). ``on_progress(units
+    done)`` is called as work finishes (see work_units)."""
     from inference.loader import model_get
 
     loaded = model_get(version)
@@ -80,11 +82,15 @@ def version_score(version, examples, decoding, *, on_progress=None):
 
     completions = _generate(loaded, [product_prompt(e["attributes"]) for e in examples], decoding, advance)
     outputs = [{"text": c.text, "finish_reason": c.finish_reason} for c in completions]
+    if fact_terms is not None:  # which claims each output makes that its attributes do not
+        for output, example in zip(outputs, examples, strict=True):
+            output["unsupported"] = unsupported(output["text"].strip(), example["attributes"], fact_terms)
     metrics = text_metrics(
         [o["text"] for o in outputs],
         [e["description"] for e in examples],
         [e["attributes"] for e in examples],
         [o["finish_reason"] for o in outputs],
+        fact_terms,
     )
     return Score(metrics={**loss_metrics(loss), **metrics}, outputs=outputs)
 

@@ -9,11 +9,20 @@ from finetuning.models import (
     Dataset,
     Evaluation,
     EvaluationScore,
+    FactTerm,
     FineTuningJob,
     LongRunningWork,
     ModelVersion,
     TrainingExample,
 )
+
+
+def fact_vocabulary():
+    """Every fact term of the unsupported-claims metric, sorted: the reviewed ones shipped with
+    the code and the curators' additions."""
+    from finetuning.facts import shipped_terms
+
+    return sorted(set(shipped_terms()) | {term.lower() for term in FactTerm.objects.values_list("term", flat=True)})
 
 
 def active_version_get():

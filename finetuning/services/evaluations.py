@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from finetuning.models import Evaluation, EvaluationScore, ModelVersion
 from finetuning.scoring import Decoding, version_score, work_units
-from finetuning.selectors import SnapshotError, base_version_get, snapshot_read
+from finetuning.selectors import SnapshotError, base_version_get, fact_vocabulary, snapshot_read
 from finetuning.services.promotion import promotion_consider
 from finetuning.services.workers import (
     BrokerUnavailable,
@@ -99,6 +99,7 @@ def _size_fields(version, examples, decoding):
         "example_ids": [row["id"] for row in examples],
         "samples": [{"id": r["id"], "attributes": r["attributes"], "reference": r["description"]} for r in examples],
         "decoding": decoding.as_dict(),
+        "fact_terms": fact_vocabulary(),
         # examples x versions: what its progress counts; the queue's estimates need it before it runs.
         "total_steps": len(examples) * versions,
         "time_limit_seconds": evaluation_time_limit(examples=len(examples), versions=versions, decoding=decoding),
@@ -314,7 +315,11 @@ def _score_all(evaluation):
 
     for number, version in enumerate(distinct):
         scores[version.pk] = version_score(
-            version, examples, decoding, on_progress=functools.partial(progress, number=number)
+            version,
+            examples,
+            decoding,
+            fact_terms=evaluation.fact_terms,
+            on_progress=functools.partial(progress, number=number),
         )
     with transaction.atomic():
         current = Evaluation.objects.select_for_update().get(pk=evaluation.pk)

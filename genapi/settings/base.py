@@ -267,7 +267,8 @@ PROMOTION_AUTO_ACTIVATE = env.bool("PROMOTION_AUTO_ACTIVATE", default=False)
 PROMOTION_PRIMARY_METRIC = env.str("PROMOTION_PRIMARY_METRIC", default="rouge_l")
 PROMOTION_MARGIN = env.float("PROMOTION_MARGIN", default=1.0)
 PROMOTION_GUARD_METRICS = env.list(
-    "PROMOTION_GUARD_METRICS", default=["attribute_coverage", "repeated_4gram_share", "format_failure_share"]
+    "PROMOTION_GUARD_METRICS",
+    default=["attribute_coverage", "repeated_4gram_share", "format_failure_share", "unsupported_claim_share"],
 )
 
 # --- Curators' workbench ---------------------------------------------------------

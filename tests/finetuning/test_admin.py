@@ -200,14 +200,15 @@ def test_the_version_page_compares_metrics_and_texts_side_by_side(curator, base_
         decoding={"greedy": True, "max_new_tokens": 64, "repetition_penalty": 1.0},
         promotion={"passed": False, "activated": False, "reason": "ROUGE-L +0.50, less than the required margin"},
     )
-    for role, owner, rouge, text in [
-        ("candidate", version, 31.25, "The Blue Kettle boils water in a minute."),
-        ("active", base_version, 12.5, "Kettle kettle kettle."),
-        ("base", base_version, 12.5, "Kettle kettle kettle."),
+    for role, owner, rouge, text, claims in [
+        ("candidate", version, 31.25, "The Blue Kettle boils water in a minute.", []),
+        ("active", base_version, 12.5, "Kettle kettle kettle, in leather.", ["leather"]),
+        ("base", base_version, 12.5, "Kettle kettle kettle, in leather.", ["leather"]),
     ]:
         EvaluationScore.objects.create(
-            evaluation=evaluation, version=owner, role=role, metrics={"rouge_l": rouge, "attribute_coverage": 1.0},
-            outputs=[{"text": text, "finish_reason": "stop"}],
+            evaluation=evaluation, version=owner, role=role,
+            metrics={"rouge_l": rouge, "attribute_coverage": 1.0, "unsupported_claim_share": float(bool(claims))},
+            outputs=[{"text": text, "finish_reason": "stop", "unsupported": claims}],
         )  # fmt: skip
     for url in (
         reverse("admin:finetuning_modelversion_change", args=[version.pk]),
@@ -217,7 +218,10 @@ def test_the_version_page_compares_metrics_and_texts_side_by_side(curator, base_
         page = curator.get(url).content.decode()
         assert "31.25" in page and "12.50" in page and "▲ +18.75</b> better" in page, url
         assert "Name: Blue Kettle" in page and "A kettle that boils fast." in page
-        assert "The Blue Kettle boils water in a minute." in page and "Kettle kettle kettle." in page
+        assert "The Blue Kettle boils water in a minute." in page and "Kettle kettle kettle, in leather." in page
+        # Unsupported claims: the metric side by side, and the terms under the texts that make them.
+        assert "outputs with an unsupported claim" in page and "100.0%" in page and "0.0%" in page
+        assert "unsupported: leather" in page
         assert "less than the required margin" in page
     assert "<svg" in curator.get(reverse("admin:finetuning_modelversion_change", args=[version.pk])).content.decode()
     assert curator.get(reverse("admin:finetuning_evaluation_changelist")).status_code == 200

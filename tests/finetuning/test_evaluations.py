@@ -67,6 +67,12 @@ def test_a_successful_job_is_evaluated_next_to_the_active_version_and_the_base(
         assert {"validation_loss", "perplexity", "rouge_l", "chrf", "bleu", "attribute_coverage", "length_ratio",
                 "cut_off_share", "distinct_2", "repeated_4gram_share", "format_failure_share"} <= set(score.metrics)  # fmt: skip
         assert score.metrics["perplexity"] == pytest.approx(math.exp(score.metrics["validation_loss"]))
+        # Unsupported claims are measured with the vocabulary the evaluation recorded, and each
+        # output carries the terms it claims without support.
+        claiming = [bool(output["unsupported"]) for output in score.outputs]
+        assert score.metrics["unsupported_claim_share"] == pytest.approx(sum(claiming) / VALIDATION)
+        assert all(set(output["unsupported"]) <= set(evaluation.fact_terms) for output in score.outputs)
+    assert "leather" in evaluation.fact_terms and "primegreen" in evaluation.fact_terms
     # The same examples, the same loss as the job's own validation pass computed (another code path).
     job.refresh_from_db()
     assert scores["candidate"].metrics["validation_loss"] == pytest.approx(job.validation_history[-1][1], rel=1e-3)
@@ -321,7 +327,7 @@ def test_a_running_evaluation_cancelled_stops_at_the_next_example_and_keeps_noth
     real_score = evaluations.version_score
     monkeypatch.setattr(workers, "CANCEL_CHECK_SECONDS", 0)
 
-    def score(version, examples, decoding, *, on_progress):
+    def score(version, examples, decoding, *, fact_terms, on_progress):
         def progress(done):
             if done == len(examples) + 2:  # the second output of the first version
                 evaluation_cancel(evaluation=Evaluation.objects.get(pk=evaluation.pk))
@@ -346,7 +352,7 @@ def test_a_cancel_that_comes_while_the_scores_are_saved_wins(trained, monkeypatc
     real_score = evaluations.version_score
     scored = []
 
-    def score(version, examples, decoding, *, on_progress):
+    def score(version, examples, decoding, *, fact_terms, on_progress):
         result = real_score(version, examples, decoding, on_progress=on_progress)
         scored.append(version)
         if len(scored) == 2:  # the last version: the cancel lands after every check

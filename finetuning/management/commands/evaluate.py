@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from finetuning.metrics import METRICS, metric_format
 from finetuning.models import ModelVersion
 from finetuning.scoring import Decoding, version_score, work_units
-from finetuning.selectors import active_version_get, version_get
+from finetuning.selectors import active_version_get, fact_vocabulary, version_get
 from finetuning.services.evaluations import EvaluationError, evaluation_examples
 from finetuning.services.importing import ImportFileError, examples_read
 from finetuning.services.versions import base_version_name
@@ -86,7 +86,7 @@ class Command(BaseCommand):
                 bar.update(done - bar.n)
 
             try:
-                score = version_score(version, examples, decoding, on_progress=progress)
+                score = version_score(version, examples, decoding, fact_terms=fact_vocabulary(), on_progress=progress)
             except Exception as exc:  # one line, not a traceback
                 raise CommandError(f"evaluating {version.name} failed: {type(exc).__name__}: {exc}") from exc
 
