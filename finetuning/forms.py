@@ -138,7 +138,7 @@ class FineTuneForm(forms.Form):
                 "description": "Used when the method is lora.",
             },
         ),
-        ("Data", {"fields": ("max_seq_length", "name_product")}),
+        ("Data", {"fields": ("max_seq_length", "name_product", "facts_from_description")}),
     )
 
     _defaults = Hyperparameters()
@@ -193,6 +193,14 @@ class FineTuneForm(forms.Form):
         label="Name the product",
         help_text="Train on descriptions that name the product: those that do not are opened with its name. "
         "Off: learn the descriptions exactly as written.",
+    )
+    facts_from_description = forms.BooleanField(
+        required=False,
+        initial=_defaults.facts_from_description,
+        label="Facts from the descriptions",
+        help_text="Add the fact terms (materials, technologies, sports, fits) that each training description "
+        "states and its attributes do not to the example's features, so that the model learns to take facts "
+        "from the prompt instead of inventing them.",
     )
     # The number of examples the curator agreed to train on when too many would be skipped:
     # a confirmation holds only for the numbers it was given.

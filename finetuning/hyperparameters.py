@@ -35,6 +35,11 @@ class Hyperparameters:
     # out as well: on the adidas data it named 18 of 40 products, and 40 of 40 with this on, at -1
     # ROUGE-L and +1 chrF (docs/REPORT.md, section 5). Off: learn the descriptions exactly as written.
     name_product: bool = True
+    # Add the fact terms (finetuning/facts.py) that each training description states and its
+    # attributes do not to that example's features, so that the model learns to take facts from
+    # the prompt instead of inventing them. Validation keeps the attributes as written. Off by
+    # default until it is measured against the default recipe over seeds (issue 20).
+    facts_from_description: bool = False
 
     def as_dict(self):
         data = asdict(self)
@@ -121,7 +126,7 @@ def hyperparameters_parse(raw=None):
                 errors[key] = f"must be one of {', '.join(METHODS)}"
             else:
                 values[key] = value
-        elif key == "name_product":
+        elif key in ("name_product", "facts_from_description"):
             flag = _flag(value)
             if flag is None:
                 errors[key] = "must be true or false"

@@ -38,6 +38,10 @@ class HyperparametersSerializer(StrictSerializer):
     name_product = StrictBooleanField(
         required=False, help_text="Default true: train on descriptions that name the product."
     )
+    facts_from_description = StrictBooleanField(
+        required=False,
+        help_text="Default false: add the fact terms each training description states to its example's features.",
+    )
 
     def get_fields(self):
         return {**super().get_fields(), **{name: _bounded(name) for name in BOUNDS}}

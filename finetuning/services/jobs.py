@@ -18,11 +18,12 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from finetuning import store
+from finetuning.facts import features_with_facts
 from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_description, training_pair
 from finetuning.recipe import Recipe
-from finetuning.selectors import SnapshotError, snapshot_read, snapshot_verify
+from finetuning.selectors import SnapshotError, fact_vocabulary, snapshot_read, snapshot_verify
 from finetuning.services.evaluations import evaluation_after_job
 from finetuning.services.snapshots import snapshot_freeze
 from finetuning.services.versions import version_register
@@ -142,8 +143,9 @@ def job_retrain(*, version, requested_by=None):
         raise JobError(f"version {version.name} was trained on {version.base_model}, not {settings.BASE_MODEL_NAME}")
     return job_start(
         dataset=version.job.dataset,
-        # A recipe from before name_product existed trained on the descriptions as written.
-        hyperparameters={"name_product": False, **version.hyperparameters},
+        # A recipe from before name_product or facts_from_description existed trained on the
+        # descriptions and attributes as written.
+        hyperparameters={"name_product": False, "facts_from_description": False, **version.hyperparameters},
         requested_by=requested_by,
         snapshot=version.snapshot,
     )
@@ -248,9 +250,17 @@ class _Progress:
 def training_pairs(*, train_rows, validation_rows, hp):
     """(train pairs, validation pairs) of (prompt, completion) a job trains and validates on,
     from its snapshot's rows; the fine-tune pre-flight counts the same pairs."""
+    terms = fact_vocabulary() if hp.facts_from_description else None
+
+    def attributes(row):
+        features = None if terms is None else features_with_facts(row["attributes"], row["description"], terms)
+        if features == list(row["attributes"].get("features") or []) or features is None:
+            return row["attributes"]  # no fact to add: the prompt as a client would write it
+        return {**row["attributes"], "features": features}
+
     train = [
         training_pair(
-            r["attributes"], training_description(r["attributes"], r["description"], name_product=hp.name_product)
+            attributes(r), training_description(r["attributes"], r["description"], name_product=hp.name_product)
         )
         for r in train_rows
     ]

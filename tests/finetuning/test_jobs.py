@@ -212,9 +212,35 @@ def test_retraining_a_version_repeats_its_snapshot_and_hyperparameters(base_vers
     second = job_execute(job_id=again.pk)
     assert abs(second.metrics["final_train_loss"] - first.metrics["final_train_loss"]) < 1e-4
     # A version from before name_product existed trained on the descriptions as written.
-    first.hyperparameters = {k: v for k, v in first.hyperparameters.items() if k != "name_product"}
+    first.hyperparameters = {
+        k: v for k, v in first.hyperparameters.items() if k not in ("name_product", "facts_from_description")
+    }
     first.save(update_fields=["hyperparameters"])
-    assert job_retrain(version=first).hyperparameters["name_product"] is False
+    retrained = job_retrain(version=first).hyperparameters
+    assert retrained["name_product"] is False and retrained["facts_from_description"] is False
+
+
+@pytest.mark.django_db
+def test_fact_extraction_is_off_by_default_and_on_puts_the_descriptions_facts_in_the_training_prompts():
+    from finetuning.services.jobs import training_pairs
+
+    assert hyperparameters_parse({}).facts_from_description is False
+    with pytest.raises(HyperparameterError) as info:
+        hyperparameters_parse({"facts_from_description": "sometimes"})
+    assert info.value.errors == {"facts_from_description": "must be true or false"}
+    shoe = {"name": "Ultra Runner", "features": ["lace closure"]}
+    rows = [
+        {"attributes": shoe, "description": "Ultra Runner: a leather upper on a Boost midsole."},
+        {"attributes": {"name": "Cap"}, "description": "Cap for sunny days."},  # no fact: as written
+    ]
+    on = hyperparameters_parse({"facts_from_description": True})
+    (with_facts, plain), validation = training_pairs(train_rows=rows, validation_rows=rows, hp=on)
+    assert "Features: lace closure; boost; leather" in with_facts[0]
+    assert plain[0] == training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse({}))[0][1][0]
+    # Validation keeps the attributes a client would send.
+    assert "leather" not in validation[0][0]
+    off, _ = training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse({}))
+    assert "leather" not in off[0][0]
 
 
 def test_progress_loss_history_eta_and_environment_are_recorded(base_version, dataset_factory, settings):
