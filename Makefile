@@ -13,7 +13,7 @@ PORT ?= 8000
 #   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report clean
+.PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,11 @@ scheduler: install
 # and evaluate it against the base model (about 20 minutes on 2 cores; var/report/ is scratch).
 report: install
 	$(BIN)/python docs/report.py
+
+# The presenter's live demo (docs/demo.py): the service on scratch data in var/demo/, an import,
+# a short fine-tune, its evaluation, activation, and curl and openai calls; Enter between steps.
+demo: install-dev
+	$(BIN)/python docs/demo.py
 
 test: install-dev
 	$(BIN)/python -m pytest
