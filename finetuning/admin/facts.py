@@ -14,11 +14,5 @@ class FactTermAdmin(admin.ModelAdmin):
     fields = ("term", "kind")
 
     def changelist_view(self, request, extra_context=None):
-        shipped = shipped_terms()
-        extra_context = {
-            **(extra_context or {}),
-            "title": "Fact terms added by curators",
-            "subtitle": f"The metric also uses the {len(shipped)} reviewed terms shipped with genapi: "
-            + ", ".join(sorted(shipped)),
-        }
+        extra_context = {**(extra_context or {}), "shipped_terms": sorted(shipped_terms().items())}
         return super().changelist_view(request, extra_context=extra_context)
