@@ -98,12 +98,12 @@ def process(command, env, log_path):
                 child.wait()
 
 
-def wait_until(check, *, timeout, what):
+def wait_until(check, *, timeout, what, every=0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise DemoFailed(f"{what}: not within {timeout:.0f} s")
 
 
@@ -180,7 +180,11 @@ def demo(args):
 
         def finished():
             nonlocal job, shown
-            job = json.loads(request("GET", f"{url}/api/jobs/{job['id']}", key)[1])
+            status, body = request("GET", f"{url}/api/jobs/{job['id']}", key)
+            if status != 200:  # e.g. 429 from the key's limits: ask again at the next poll
+                print(f"   GET /api/jobs/{job['id']} answered {status}; asking again", flush=True)
+                return False
+            job = json.loads(body)
             line = f"   {job['status']:9} step {job['step']}/{job['total_steps'] or '?'}"
             if job["loss_history"]:
                 line += f"  loss {job['loss_history'][-1][1]:.3f}"
@@ -191,7 +195,8 @@ def demo(args):
                 shown = line
             return job["status"] in ("succeeded", "failed", "cancelled")
 
-        wait_until(finished, timeout=1800, what="the fine-tuning job")
+        # Every 2 s: well inside the key's per-minute request limit.
+        wait_until(finished, timeout=1800, what="the fine-tuning job", every=0.5 if args.test else 2.0)
         if job["status"] != "succeeded":
             raise DemoFailed(f"the job {job['status']}: {job['error']}")
         version = job["model_version"]["name"]
