@@ -253,8 +253,10 @@ def training_pairs(*, train_rows, validation_rows, hp):
     terms = fact_vocabulary() if hp.facts_from_description else None
 
     def attributes(row):
-        features = None if terms is None else features_with_facts(row["attributes"], row["description"], terms)
-        if features == list(row["attributes"].get("features") or []) or features is None:
+        if terms is None:
+            return row["attributes"]
+        features = features_with_facts(row["attributes"], row["description"], terms)
+        if features == list(row["attributes"].get("features") or []):
             return row["attributes"]  # no fact to add: the prompt as a client would write it
         return {**row["attributes"], "features": features}
 
