@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import string
 import sys
 import time
@@ -30,6 +31,8 @@ import costs  # noqa: E402  (the deployment cost table, section 10)
 from train_bench import ADIDAS_CSV, ADIDAS_MAPPING  # noqa: E402  (the file and its documented mapping)
 
 SCRATCH = ROOT / "var" / "report"
+DEFAULT_SEED = 42  # the recipe's own seed (finetuning/hyperparameters.py); the other two are overrides
+SEEDS = (DEFAULT_SEED, 7, 1234)
 EXAMPLES_SHOWN = 4
 
 
@@ -50,6 +53,8 @@ def setup(scratch, *, fresh=True):
             "MODEL_STORE": str(scratch / "models"),
             "CELERY_TASK_ALWAYS_EAGER": "true",
             "PROMOTION_AUTO_ACTIVATE": "true",
+            # The whole validation split, in the jobs' own evaluations and in `manage.py evaluate`.
+            "EVALUATION_MAX_EXAMPLES": "100000",
         }
     )
     sys.path.insert(0, str(ROOT))
@@ -58,7 +63,10 @@ def setup(scratch, *, fresh=True):
     django.setup()
 
 
-def run_pipeline(scratch):
+def run_pipeline(scratch, seeds, max_steps=0):
+    """Train the default recipe once per seed on one snapshot (only the seed differs), score the
+    base model and every version on the whole validation split with ``manage.py evaluate``, and
+    return everything the report is made of, as plain data."""
     from django.core.management import call_command
 
     from finetuning.models import Dataset, Evaluation, FineTuningJob
@@ -70,26 +78,44 @@ def run_pipeline(scratch):
     log("importing the adidas reference data")
     call_command("import_examples", str(ADIDAS_CSV), "--dataset", "adidas", *[f"--map={m}" for m in ADIDAS_MAPPING])
     dataset = Dataset.objects.get(name="adidas")
-    log("fine-tuning with the default recipe, then the automatic evaluation (tasks run in this process)")
-    started = time.monotonic()
-    job = job_start(dataset=dataset)  # eager: trains, registers, evaluates, applies the promotion gate
-    job = FineTuningJob.objects.select_related("snapshot").get(pk=job.pk)
-    if job.status != "succeeded":
-        raise SystemExit(f"the job {job.status}: {job.error}")
-    version = job.model_version
-    evaluation = Evaluation.objects.filter(version=version).first()
-    log(f"job {job.pk} {job.status} in {time.monotonic() - started:.0f} s: version {version.name}")
-
-    results = {}
-    for label, arguments in (
-        ("base", ["--version", "base", "--split-of", version.name]),
-        ("fine-tuned", ["--version", version.name]),
-    ):
+    runs, snapshot = [], None
+    for seed in seeds:
+        log(f"fine-tuning with the default recipe, seed {seed}, then the automatic evaluation (in this process)")
+        started = time.monotonic()
+        # The first seed is the default recipe exactly as a curator starts it (no overrides).
+        overrides = ({} if seed == DEFAULT_SEED else {"seed": seed}) | ({"max_steps": max_steps} if max_steps else {})
+        job = job_start(dataset=dataset, hyperparameters=overrides or None, snapshot=snapshot)
+        job = FineTuningJob.objects.select_related("snapshot").get(pk=job.pk)
+        if job.status != "succeeded":
+            raise SystemExit(f"seed {seed}: the job {job.status}: {job.error}")
+        snapshot = job.snapshot  # every seed trains and is scored on the same examples
+        evaluation = Evaluation.objects.filter(version=job.model_version).first()
+        log(f"job {job.pk} {job.status} in {time.monotonic() - started:.0f} s: version {job.model_version.name}")
+        runs.append(
+            {
+                "seed": seed,
+                "version": job.model_version.name,
+                "hyperparameters": job.hyperparameters,
+                "job_metrics": job.metrics,
+                "loss_history": job.loss_history,
+                "validation_history": job.validation_history,
+                "promotion": (evaluation.promotion or {}) if evaluation else {},
+            }
+        )
+        (scratch / "runs.json").write_text(json.dumps(runs, indent=2))  # what is done so far, should a later step fail
+    results = {"seeds": seeds, "runs": runs, "data": data_numbers(snapshot)}
+    evaluations = [("base", ["--version", "base", "--split-of", runs[0]["version"]])]
+    evaluations += [(run["version"], ["--version", run["version"]]) for run in runs]
+    for label, arguments in evaluations:
         out = scratch / f"evaluate-{label}.json"
         log(f"python manage.py evaluate {' '.join(arguments)} --json {out.name}")
         call_command("evaluate", *arguments, "--json", str(out))
-        results[label] = json.loads(out.read_text())
-    return dataset, job, version, evaluation, results
+        scored = json.loads(out.read_text())
+        if label == "base":
+            results["base"] = scored
+        else:
+            next(run for run in runs if run["version"] == label)["evaluation"] = scored
+    return results
 
 
 def last_run(scratch):
@@ -97,13 +123,7 @@ def last_run(scratch):
     if not results_path.is_file():
         raise SystemExit(f"report: no earlier run in {scratch}; run without --render-only first")
     setup(scratch, fresh=False)
-    from finetuning.models import Dataset, Evaluation, FineTuningJob
-
-    results = json.loads(results_path.read_text())
-    job = FineTuningJob.objects.select_related("snapshot").get(status="succeeded")
-    version = job.model_version
-    evaluation = Evaluation.objects.filter(version=version).first()
-    return Dataset.objects.get(name="adidas"), job, version, evaluation, results, results.get("elapsed_seconds", 0)
+    return json.loads(results_path.read_text())
 
 
 def _number(value, digits=2):
@@ -111,28 +131,89 @@ def _number(value, digits=2):
 
 
 # Metrics of a text alone, meaningful for the reference descriptions themselves.
-REFERENCE_METRICS = ("attribute_coverage", "mean_words", "distinct_2", "repeated_4gram_share", "format_failure_share")
+REFERENCE_METRICS = (
+    "attribute_coverage",
+    "mean_words",
+    "distinct_2",
+    "repeated_4gram_share",
+    "format_failure_share",
+    "unsupported_claim_share",
+)
+
+
+def first(results):
+    """The first seed's evaluation: the default recipe exactly as a curator runs it, whose
+    outputs the per-example parts of the report show."""
+    return results["runs"][0]["evaluation"]
 
 
 def reference_metrics(results):
     """The text-only metrics of the reference descriptions, as if they were outputs:
     what the shop's own copy does, for scale."""
     from finetuning.metrics import text_metrics
+    from finetuning.selectors import fact_vocabulary
 
-    examples = results["fine-tuned"]["examples"]
+    examples = first(results)["examples"]
     references = [e["reference"] for e in examples]
-    return text_metrics(references, references, [e["attributes"] for e in examples], ["stop"] * len(examples))
+    attributes = [e["attributes"] for e in examples]
+    return text_metrics(references, references, attributes, ["stop"] * len(examples), fact_terms=fact_vocabulary())
+
+
+def metric_summary(results):
+    """Per metric: the base's value, every seed's, their mean and standard deviation, and the
+    references' own value where the metric means something for them."""
+    from finetuning.metrics import METRICS
+
+    references = reference_metrics(results)
+    summary = {}
+    for key, metric in METRICS.items():
+        runs = [run["evaluation"]["metrics"].get(key) for run in results["runs"]]
+        if any(value is None for value in runs):
+            continue
+        summary[key] = {
+            "label": metric.label,
+            "better": metric.better,
+            "percent": metric.percent,
+            "base": results["base"]["metrics"].get(key),
+            "runs": runs,
+            "mean": statistics.fmean(runs),
+            "sd": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+            "references": references[key] if key in REFERENCE_METRICS else None,
+        }
+    return summary
+
+
+def _spread(key, row):
+    from finetuning.metrics import METRICS, metric_format
+
+    text = metric_format(key, row["mean"])
+    if len(row["runs"]) > 1:
+        places = METRICS[key].decimals
+        text += f" ± {metric_format(key, row['sd'], places).removesuffix('%')}"
+    return text
+
+
+def _change(key, base, tuned):
+    from finetuning.metrics import METRICS
+
+    if base is None or tuned is None:
+        return "–"
+    if key in ("perplexity", "validation_loss"):
+        return f"{100 * (tuned - base) / base:+.1f}%"
+    if METRICS[key].percent:
+        return f"{100 * (tuned - base):+.1f} pts"
+    return f"{tuned - base:+.2f}"
 
 
 def coverage_table(results):
     """Which attribute values each side mentions, by attribute: where coverage comes from."""
     from finetuning.metrics import attribute_values_by_key, mentions
 
-    examples = results["fine-tuned"]["examples"]
+    examples = first(results)["examples"]
     sides = {
         "references": [e["reference"] for e in examples],
         "base": [e["text"] for e in results["base"]["examples"]],
-        "fine-tuned": [e["text"] for e in examples],
+        f"fine-tuned (seed {results['runs'][0]['seed']})": [e["text"] for e in examples],
     }
     keys = []
     counts = {side: {} for side in sides}
@@ -150,79 +231,103 @@ def coverage_table(results):
     return "\n".join(lines)
 
 
-def metrics_table(results):
-    from finetuning.metrics import METRICS, metric_format
+def metrics_table(summary, seeds):
+    from finetuning.metrics import metric_format
 
-    base, tuned = results["base"]["metrics"], results["fine-tuned"]["metrics"]
-    references = reference_metrics(results)
-    lines = ["| metric | base | fine-tuned | change | references |", "|---|---:|---:|---:|---:|"]
-    for key, metric in METRICS.items():
-        a, b = base.get(key), tuned.get(key)
-        own = metric_format(key, references[key]) if key in REFERENCE_METRICS else ""
-        change = "–"
-        if a is not None and b is not None:
-            if key == "perplexity" or (key == "validation_loss"):
-                change = f"{100 * (b - a) / a:+.1f}%"
-            elif metric.percent:
-                change = f"{100 * (b - a):+.1f} pts"
-            else:
-                change = f"{b - a:+.2f}"
-        better = f" ({metric.better} is better)" if metric.better else ""
+    lines = [
+        f"| metric | base | fine-tuned, mean ± sd of {len(seeds)} seeds | change of the mean | references |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, row in summary.items():
+        better = f" ({row['better']} is better)" if row["better"] else ""
+        own = metric_format(key, row["references"]) if row["references"] is not None else ""
         lines.append(
-            f"| {metric.label}{better} | {metric_format(key, a)} | {metric_format(key, b)} | {change} | {own} |"
+            f"| {row['label']}{better} | {metric_format(key, row['base'])} | {_spread(key, row)} "
+            f"| {_change(key, row['base'], row['mean'])} | {own} |"
         )
     return "\n".join(lines)
 
 
-def targets_table(results):
-    base, tuned = results["base"]["metrics"], results["fine-tuned"]["metrics"]
+def targets(summary):
+    """The evaluation issue's targets against the base, on the mean over seeds, and in how
+    many of the seeds each one held on its own."""
 
-    def gap(metrics):
-        return abs(metrics["length_ratio"] - 1)
+    def gap(value):
+        return abs(value - 1)
 
-    rows = [
-        ("ROUGE-L at least 5 points above base", tuned["rouge_l"] - base["rouge_l"] >= 5,
-         f"{tuned['rouge_l'] - base['rouge_l']:+.2f} points"),
-        ("perplexity of the references at least 30% lower", tuned["perplexity"] <= 0.7 * base["perplexity"],
-         f"{100 * (tuned['perplexity'] - base['perplexity']) / base['perplexity']:+.1f}%"),
-        ("chrF no worse", tuned["chrf"] >= base["chrf"], f"{tuned['chrf'] - base['chrf']:+.2f}"),
-        ("attribute coverage no worse", tuned["attribute_coverage"] >= base["attribute_coverage"],
-         f"{100 * (tuned['attribute_coverage'] - base['attribute_coverage']):+.1f} pts"),
-        ("length ratio no worse (closer to 1)", gap(tuned) <= gap(base),
-         f"{base['length_ratio']:.2f} -> {tuned['length_ratio']:.2f}"),
-        ("repetition no higher (outputs with a repeated 4-gram)",
-         tuned["repeated_4gram_share"] <= base["repeated_4gram_share"],
-         f"{100 * base['repeated_4gram_share']:.1f}% -> {100 * tuned['repeated_4gram_share']:.1f}%"),
-    ]  # fmt: skip
-    lines = ["| target | result | met |", "|---|---|---|"]
-    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, ok, value in rows]
-    return "\n".join(lines), all(ok for _, ok, _ in rows)
+    def rows(base, tuned):
+        return [
+            ("ROUGE-L at least 5 points above base", tuned["rouge_l"] - base["rouge_l"] >= 5,
+             f"{tuned['rouge_l'] - base['rouge_l']:+.2f} points"),
+            ("perplexity of the references at least 30% lower", tuned["perplexity"] <= 0.7 * base["perplexity"],
+             f"{100 * (tuned['perplexity'] - base['perplexity']) / base['perplexity']:+.1f}%"),
+            ("chrF no worse", tuned["chrf"] >= base["chrf"], f"{tuned['chrf'] - base['chrf']:+.2f}"),
+            ("attribute coverage no worse", tuned["attribute_coverage"] >= base["attribute_coverage"],
+             f"{100 * (tuned['attribute_coverage'] - base['attribute_coverage']):+.1f} pts"),
+            ("length ratio no worse (closer to 1)", gap(tuned["length_ratio"]) <= gap(base["length_ratio"]),
+             f"{base['length_ratio']:.2f} -> {tuned['length_ratio']:.2f}"),
+            ("repetition no higher (outputs with a repeated 4-gram)",
+             tuned["repeated_4gram_share"] <= base["repeated_4gram_share"],
+             f"{100 * base['repeated_4gram_share']:.1f}% -> {100 * tuned['repeated_4gram_share']:.1f}%"),
+        ]  # fmt: skip
+
+    base = {key: row["base"] for key, row in summary.items()}
+    mean = {key: row["mean"] for key, row in summary.items()}
+    seeds = len(next(iter(summary.values()))["runs"])
+    per_seed = [rows(base, {key: row["runs"][i] for key, row in summary.items()}) for i in range(seeds)]
+    out = []
+    for index, (name, met, value) in enumerate(rows(base, mean)):
+        held = sum(seed_rows[index][1] for seed_rows in per_seed)
+        out.append({"name": name, "value": value, "met": met, "seeds_met": held, "seeds": seeds})
+    return out
 
 
-def examples_section(results):
+def targets_table(rows):
+    lines = ["| target | mean over seeds | met by the mean | seeds that met it |", "|---|---|---|---:|"]
+    lines += [
+        f"| {row['name']} | {row['value']} | {'yes' if row['met'] else '**no**'} | {row['seeds_met']} of {row['seeds']} |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _flat(text):
+    return " ".join(text.split()) or "(empty)"
+
+
+def examples(results, count):
     from finetuning.prompts import product_lines
 
-    base, tuned = results["base"]["examples"], results["fine-tuned"]["examples"]
+    out = []
+    for a, b in zip(results["base"]["examples"][:count], first(results)["examples"][:count], strict=True):
+        out.append(
+            {
+                "facts": "; ".join(product_lines(a["attributes"])),
+                "reference": _flat(a["reference"]),
+                "base": _flat(a["text"]) + (" [cut off]" if a["finish_reason"] == "length" else ""),
+                "tuned": _flat(b["text"]) + (" [cut off]" if b["finish_reason"] == "length" else ""),
+                "unsupported": b.get("unsupported") or [],
+            }
+        )
+    return out
+
+
+def examples_section(shown):
     parts = []
-    for number, (a, b) in enumerate(zip(base[:EXAMPLES_SHOWN], tuned[:EXAMPLES_SHOWN], strict=True), start=1):
-        facts = "; ".join(product_lines(a["attributes"]))
-
-        def flat(text):
-            return " ".join(text.split()) or "(empty)"
-
+    for number, example in enumerate(shown, start=1):
+        unsupported = ", ".join(example["unsupported"])
         parts.append(
-            f"**{number}. {facts}**\n\n"
-            f"- *Reference:* {flat(a['reference'])}\n"
-            f"- *Base:* {flat(a['text'])}{' [cut off]' if a['finish_reason'] == 'length' else ''}\n"
-            f"- *Fine-tuned:* {flat(b['text'])}{' [cut off]' if b['finish_reason'] == 'length' else ''}\n"
+            f"**{number}. {example['facts']}**\n\n"
+            f"- *Reference:* {example['reference']}\n"
+            f"- *Base:* {example['base']}\n"
+            f"- *Fine-tuned:* {example['tuned']}" + (f" *(unsupported: {unsupported})*" if unsupported else "") + "\n"
         )
     return "\n".join(parts)
 
 
-def data_numbers(job):
+def data_numbers(snapshot):
     with open(ADIDAS_CSV, newline="", encoding="utf-8-sig") as handle:
         rows = list(csv.DictReader(handle))
-    snapshot = job.snapshot
     return {
         "csv_rows": len(rows),
         "csv_descriptions": len({row["description"] for row in rows}),
@@ -233,53 +338,128 @@ def data_numbers(job):
     }
 
 
-def render(dataset, job, version, evaluation, results, elapsed):
+def training_rows(results):
+    out = []
+    for run in results["runs"]:
+        metrics = run["job_metrics"]
+        out.append(
+            {
+                "seed": run["seed"],
+                "version": run["version"],
+                "steps": metrics.get("steps"),
+                "train_minutes": round(metrics.get("train_seconds", 0) / 60, 1),
+                "target_tokens_per_second": metrics.get("target_tokens_per_second"),
+                "final_train_loss": metrics.get("final_train_loss"),
+                "validation_history": run["validation_history"],
+            }
+        )
+    return out
+
+
+def training_table(rows):
+    lines = [
+        "| seed | version | steps | training | target tokens/s | last training loss | validation loss by epoch |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        curve = ", ".join(f"{loss:.3f}" for _, loss in row["validation_history"]) or "–"
+        lines.append(
+            f"| {row['seed']} | {row['version']} | {row['steps']} | {row['train_minutes']} min "
+            f"| {_number(row['target_tokens_per_second'], 0)} | {_number(row['final_train_loss'], 3)} | {curve} |"
+        )
+    return "\n".join(lines)
+
+
+def draw_figures(results, summary, measured, folder):
+    import report_figures as figures
+
+    folder.mkdir(parents=True, exist_ok=True)
+    examples_scored = first(results)["examples"]
+    tuned_texts = [e["text"] for run in results["runs"] for e in run["evaluation"]["examples"]]
+    return {
+        "loss": figures.loss_curves(results["runs"], folder / "loss.png"),
+        "metrics": figures.metric_bars(summary, folder / "metrics.png"),
+        "lengths": figures.length_histogram(
+            [e["reference"] for e in examples_scored],
+            [e["text"] for e in results["base"]["examples"]],
+            tuned_texts,
+            first(results)["decoding"]["max_new_tokens"],
+            folder / "lengths.png",
+        ),
+        "serving": figures.serving_bars(measured, folder / "serving.png"),
+    }
+
+
+def render(results, folder):
+    """The report's text, and the summary (docs/report/results.json) that the slides are made
+    from; the figures are written into ``folder`` on the way."""
     import torch
     import transformers
     from django.conf import settings
 
     from finetuning.metrics import metric_format
 
-    hp = job.hyperparameters
-    metrics = job.metrics
-    base, tuned = results["base"]["metrics"], results["fine-tuned"]["metrics"]
-    targets, all_met = targets_table(results)
-    data = data_numbers(job)
-    decoding = results["fine-tuned"]["decoding"]
-    history = job.validation_history
+    summary = metric_summary(results)
+    target_rows = targets(summary)
+    measured = costs.check_measured(json.loads((ROOT / "docs" / "measured_serving.json").read_text()))
+    figures = draw_figures(results, summary, measured, folder)
+    scored = first(results)
+    gate = results["runs"][0]["promotion"]
+    shown = examples(results, EXAMPLES_SHOWN)
+    training = training_rows(results)
+    seeds = results["seeds"]
     values = {
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "elapsed_minutes": f"{elapsed / 60:.0f}",
+        "elapsed_minutes": f"{results.get('elapsed_seconds', 0) / 60:.0f}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "base_model": settings.BASE_MODEL_NAME,
-        **{key: str(value) for key, value in data.items()},
-        "hyperparameters": "\n".join(f"| `{key}` | {value} |" for key, value in hp.items()),
-        "steps": str(metrics.get("steps")),
-        "train_minutes": f"{metrics.get('train_seconds', 0) / 60:.1f}",
-        "target_tokens_per_second": _number(metrics.get("target_tokens_per_second"), 0),
-        "final_train_loss": _number(metrics.get("final_train_loss"), 3),
-        "validation_curve": ", ".join(f"step {step}: {loss:.3f}" for step, loss in history) or "–",
-        "evaluation_examples": str(len(results["fine-tuned"]["examples"])),
-        "evaluation_source": results["fine-tuned"]["source"],
-        "max_new_tokens": str(decoding["max_new_tokens"]),
-        "repetition_penalty": f"{decoding['repetition_penalty']:g}",
-        "version": version.name,
-        "metrics_table": metrics_table(results),
-        **{f"base_{key}": metric_format(key, value) for key, value in base.items()},
-        **{f"tuned_{key}": metric_format(key, value) for key, value in tuned.items()},
+        **{key: str(value) for key, value in results["data"].items()},
+        "hyperparameters": "\n".join(f"| `{key}` | {value} |" for key, value in results["runs"][0]["hyperparameters"].items()),
+        "seeds": ", ".join(map(str, seeds)),
+        "seed_count": str(len(seeds)),
+        "training_table": training_table(training),
+        "evaluation_examples": str(len(scored["examples"])),
+        "evaluation_source": scored["source"],
+        "max_new_tokens": str(scored["decoding"]["max_new_tokens"]),
+        "repetition_penalty": f"{scored['decoding']['repetition_penalty']:g}",
+        "version": results["runs"][0]["version"],
+        "versions": ", ".join(run["version"] for run in results["runs"]),
+        "metrics_table": metrics_table(summary, seeds),
+        **{f"base_{key}": metric_format(key, row["base"]) for key, row in summary.items()},
+        **{f"tuned_{key}": _spread(key, row) for key, row in summary.items()},
         "coverage_table": coverage_table(results),
-        "targets_table": targets,
-        "targets_verdict": "All targets are met." if all_met else "**Not every target is met**: see the table.",
-        "gate_decision": (evaluation.promotion or {}).get("reason", "–") if evaluation else "–",
-        "gate_activated": "was activated" if (evaluation and (evaluation.promotion or {}).get("activated")) else
-        "was not activated",
-        "examples": examples_section(results),
+        "targets_table": targets_table(target_rows),
+        "targets_verdict": "All targets are met by the mean." if all(r["met"] for r in target_rows) else
+        "**Not every target is met**: see the table.",
+        "gate_decision": gate.get("reason", "–"),
+        "gate_activated": "was activated" if gate.get("activated") else "was not activated",
+        "examples": examples_section(shown),
         "examples_shown": str(EXAMPLES_SHOWN),
+        **{f"figure_{name}": f"report/{file}" for name, file in figures.items()},
     }  # fmt: skip
     template = string.Template((ROOT / "docs" / "REPORT.template.md").read_text())
     # The cost table goes in after the substitution: its dollar signs are not placeholders.
-    return costs.with_table(template.substitute(values), costs.table())
+    text = costs.with_table(template.substitute(values), costs.table(measured=measured))
+    facts = {
+        "generated": values["generated"],
+        "machine": values["machine"],
+        "base_model": values["base_model"],
+        "data": results["data"],
+        "seeds": seeds,
+        "evaluation_examples": len(scored["examples"]),
+        "evaluation_source": scored["source"],
+        "decoding": scored["decoding"],
+        "hyperparameters": results["runs"][0]["hyperparameters"],
+        "training": training,
+        "metrics": summary,
+        "targets": target_rows,
+        "examples": shown,
+        "serving": measured,
+        "costs": costs.summary(measured=measured),
+        "figures": figures,
+    }
+    return text, facts
 
 
 def main():
@@ -287,26 +467,43 @@ def main():
     parser.add_argument("--keep", action="store_true", help="Keep var/report/ (database, model store) afterwards.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "REPORT.md")
     parser.add_argument(
+        "--seeds",
+        default=",".join(map(str, SEEDS)),
+        help=f"training seeds of the default recipe, comma-separated (default {','.join(map(str, SEEDS))})",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="Stop each training after N steps: a quick check of this script, not a report (use with --output).",
+    )
+    parser.add_argument(
         "--render-only",
         action="store_true",
         help="Fill the template again from the last run's results in var/report/ (after editing the template).",
     )
     args = parser.parse_args()
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated whole numbers, not {args.seeds!r}")
     if not ADIDAS_CSV.is_file():
         raise SystemExit(f"report: the reference data is not at {ADIDAS_CSV}")
     started = time.monotonic()
     if args.render_only:
-        dataset, job, version, evaluation, results, elapsed = last_run(SCRATCH)
+        results = last_run(SCRATCH)
     else:
         setup(SCRATCH)
-        dataset, job, version, evaluation, results = run_pipeline(SCRATCH)
-        elapsed = time.monotonic() - started
-        results["elapsed_seconds"] = elapsed
+        results = run_pipeline(SCRATCH, seeds, args.max_steps)
+        results["elapsed_seconds"] = time.monotonic() - started
         (SCRATCH / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    text = render(dataset, job, version, evaluation, results, elapsed)
-    temporary = args.output.with_suffix(".md.partial")
-    temporary.write_text(text)
-    os.replace(temporary, args.output)  # a failed run leaves the previous report whole
+    folder = args.output.parent / "report"
+    text, facts = render(results, folder)
+    for path, content in ((folder / "results.json", json.dumps(facts, indent=2, ensure_ascii=False) + "\n"),
+                          (args.output, text)):  # fmt: skip
+        temporary = path.with_name(path.name + ".partial")
+        temporary.write_text(content)
+        os.replace(temporary, path)  # a failed run leaves the previous report whole
     log(f"wrote {args.output} in {(time.monotonic() - started) / 60:.0f} min")
     if not args.keep:
         shutil.rmtree(SCRATCH / "models", ignore_errors=True)
