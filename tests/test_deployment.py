@@ -492,14 +492,16 @@ def test_cost_table_follows_from_the_prices_and_measurements():
     out = subprocess.run([sys.executable, str(ROOT / "docs" / "costs.py")], capture_output=True, text=True, check=True)
     prices = json.loads((ROOT / "docs" / "prices.json").read_text())
     measured = json.loads((ROOT / "docs" / "measured_serving.json").read_text())
-    # Recompute one row by hand: an e2-standard-2 VM, fp32, 8 streams at once, busy all hour.
+    # Recompute one row by hand: an e2-standard-2 VM, the default engine, 8 streams at once, busy all hour.
     vm = next(o for o in prices["options"] if o["id"] == "gce-e2-standard-2")
-    rate = measured["rows"]["fp32"]["aggregate_8_clients_tokens_per_second"]
+    default = measured["rows"]["none"]
+    rate = default["aggregate_8_clients_tokens_per_second"]
     tokens = prices["assumptions"]["tokens_per_description"]
     per_1000 = 1000 * tokens / rate / 3600 * vm["usd_per_hour"]
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| GCE e2-standard-2") and "fp32" in line)
+    setting = default["label"].removeprefix("engine, ")
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| GCE e2-standard-2") and setting in line)
     assert f"${per_1000:.3f}" in row, row
-    latency = tokens / measured["rows"]["fp32"]["one_stream_tokens_per_second"]
+    latency = tokens / default["one_stream_tokens_per_second"]
     assert f"{latency:.1f} s" in row
     assert "not measured" in out.stdout and "check" in out.stdout.lower()
 
