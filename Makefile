@@ -13,7 +13,7 @@ PORT ?= 8000
 #   make run TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report demo clean
+.PHONY: run test lint install install-dev native prepare web worker evaluator scheduler report slides demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,10 +81,18 @@ evaluator: install
 scheduler: install
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info
 
-# docs/REPORT.md from a real run: train the default recipe on ../shared/data/adidas_usa.csv
-# and evaluate it against the base model (about 20 minutes on 2 cores; var/report/ is scratch).
-report: install
+# docs/REPORT.md, its figures and docs/report/results.json from a real run: train the default
+# recipe with 3 seeds on ../shared/data/adidas_usa.csv and evaluate each version and the base on
+# the whole validation split (about 75 minutes on 2 cores; var/report/ is scratch).
+report: install-dev
 	$(BIN)/python docs/report.py
+
+# The presentation: docs/slides/slides.md from its template and docs/report/results.json, then
+# HTML and PDF by Marp (npm, pinned in docs/slides/package-lock.json) in Debian's chromium.
+# Needs node/npm and chromium; writes into SLIDES_OUT.
+SLIDES_OUT ?= docs/slides
+slides: install-dev
+	$(BIN)/python docs/slides.py --out $(SLIDES_OUT)
 
 # The presenter's live demo (docs/demo.py): the service on scratch data in var/demo/, an import,
 # a short fine-tune, its evaluation, activation, and curl and openai calls; Enter between steps.
