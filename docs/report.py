@@ -269,6 +269,11 @@ def targets(summary):
             ("repetition no higher (outputs with a repeated 4-gram)",
              tuned["repeated_4gram_share"] <= base["repeated_4gram_share"],
              f"{100 * base['repeated_4gram_share']:.1f}% -> {100 * tuned['repeated_4gram_share']:.1f}%"),
+            ("format failures no higher (a guard)", tuned["format_failure_share"] <= base["format_failure_share"],
+             f"{100 * base['format_failure_share']:.1f}% -> {100 * tuned['format_failure_share']:.1f}%"),
+            ("unsupported claims no higher (a guard since issue 20)",
+             tuned["unsupported_claim_share"] <= base["unsupported_claim_share"],
+             f"{100 * base['unsupported_claim_share']:.1f}% -> {100 * tuned['unsupported_claim_share']:.1f}%"),
         ]  # fmt: skip
 
     base = {key: row["base"] for key, row in summary.items()}
@@ -390,6 +395,25 @@ def draw_figures(results, summary, measured, folder):
     }
 
 
+def serving_values(measured):
+    """Section 3's speeds, from the serving measurement that section 10 quotes."""
+    baseline = measured["baseline"]["one_stream_tokens_per_second"]
+    default = next(iter(measured["rows"].values()))
+    one, eight = default["one_stream_tokens_per_second"], default["aggregate_8_clients_tokens_per_second"]
+    llama = next((row for name, row in (measured.get("anchors") or {}).items() if name.startswith("llama.cpp")), None)
+    return {
+        "serving_baseline": f"{baseline:.1f}",
+        "serving_engine_one": f"{one:.1f}",
+        "serving_engine_one_ratio": f"{one / baseline:.2f}",
+        "serving_engine_eight": f"{eight:.1f}",
+        "serving_engine_eight_ratio": f"{eight / baseline:.2f}",
+        "serving_llama_sentence": f"llama.cpp on the same GGUF decoded one stream at "
+        f"{llama['one_stream_tokens_per_second']:.1f} tokens/s in that run"
+        if llama
+        else "llama.cpp was not measured in that run",
+    }
+
+
 def render(results, folder):
     """The report's text, and the summary (docs/report/results.json) that the slides are made
     from; the figures are written into ``folder`` on the way."""
@@ -437,6 +461,7 @@ def render(results, folder):
         "examples": examples_section(shown),
         "examples_shown": str(EXAMPLES_SHOWN),
         **{f"figure_{name}": f"report/{file}" for name, file in figures.items()},
+        **serving_values(measured),
     }  # fmt: skip
     template = string.Template((ROOT / "docs" / "REPORT.template.md").read_text())
     # The cost table goes in after the substitution: its dollar signs are not placeholders.
