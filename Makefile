@@ -82,8 +82,8 @@ scheduler: install
 	$(BIN)/celery -A genapi worker -Q celery -c 1 -B -n scheduler@%h -l info
 
 # docs/REPORT.md, its figures and docs/report/results.json from a real run: train the default
-# recipe with 3 seeds on ../shared/data/adidas_usa.csv and evaluate each version and the base on
-# the whole validation split (about 75 minutes on 2 cores; var/report/ is scratch).
+# recipe with 3 seeds on ../shared/data/adidas_usa.csv, each version scored beside the base on
+# the whole validation split (about 2 hours on 2 cores; var/report/ is scratch).
 report: install-dev
 	$(BIN)/python docs/report.py
 

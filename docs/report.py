@@ -1,14 +1,16 @@
-"""Regenerate docs/REPORT.md: train the default recipe on the adidas reference
-data and evaluate it against the base model, all through the service's own
-commands and services, then fill the numbers into docs/REPORT.template.md.
+"""Regenerate docs/REPORT.md: train the default recipe on the adidas reference data with
+three seeds, each version scored beside the base model on the whole validation split, all
+through the service's own commands and services; then fill the numbers (mean ± standard
+deviation over seeds) into docs/REPORT.template.md, draw the figures into docs/report/ and
+write docs/report/results.json, the summary the slides (docs/slides.py) are made from.
 
-    make report            # or: python docs/report.py [--keep]
+    make report            # or: python docs/report.py [--jobs 2] [--seeds 42,7,1234] [--keep]
 
-Everything runs in a scratch directory (var/report/: its own SQLite database
-and model store), with Celery tasks run in-process, so the service's data is
-untouched. It takes about 20 minutes on 2 CPU cores. The reference data
-(../shared/data/adidas_usa.csv) is read, never copied into the repository;
-the report quotes a few of its descriptions as examples.
+Each seed runs in a process and scratch directory of its own (var/report/seed-N/: its own
+SQLite database and model store), with Celery tasks run in-process, so the service's data is
+untouched. About 40 minutes per seed on 2 CPU cores; with --jobs 2, two seeds at once on one
+core each. The reference data (../shared/data/adidas_usa.csv) is read, never copied into the
+repository; the report quotes a few of its descriptions as examples.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import platform
 import shutil
 import statistics
 import string
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,11 +43,10 @@ def log(message):
     print(f"[report {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def setup(scratch, *, fresh=True):
-    if fresh:
-        if scratch.exists():
-            shutil.rmtree(scratch)
-        scratch.mkdir(parents=True)
+def setup(scratch, *, threads=0):
+    """This process's settings: its own SQLite database and model store in ``scratch``, Celery
+    tasks run in-process, and evaluations on the whole validation split."""
+    scratch.mkdir(parents=True, exist_ok=True)
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "genapi.settings.dev",
@@ -53,76 +55,121 @@ def setup(scratch, *, fresh=True):
             "MODEL_STORE": str(scratch / "models"),
             "CELERY_TASK_ALWAYS_EAGER": "true",
             "PROMOTION_AUTO_ACTIVATE": "true",
-            # The whole validation split, in the jobs' own evaluations and in `manage.py evaluate`.
+            # The whole validation split, in the jobs' own evaluations.
             "EVALUATION_MAX_EXAMPLES": "100000",
         }
     )
+    if threads:
+        os.environ.update({"TRAINING_TORCH_THREADS": str(threads), "INFERENCE_TORCH_THREADS": str(threads)})
     sys.path.insert(0, str(ROOT))
     import django
 
     django.setup()
 
 
-def run_pipeline(scratch, seeds, max_steps=0):
-    """Train the default recipe once per seed on one snapshot (only the seed differs), score the
-    base model and every version on the whole validation split with ``manage.py evaluate``, and
-    return everything the report is made of, as plain data."""
+def _scored(evaluation, role):
+    """One version's part of an evaluation, as `manage.py evaluate --json` writes it."""
+    score = evaluation.score(role)
+    return {
+        "version": score.version.name,
+        "source": f"the validation split of {evaluation.version.name} (snapshot {evaluation.snapshot.sha256[:12]})",
+        "decoding": evaluation.decoding,
+        "metrics": score.metrics,
+        "examples": [
+            {"attributes": sample["attributes"], "reference": sample["reference"], **output}
+            for sample, output in zip(evaluation.samples, score.outputs, strict=True)
+        ],
+    }
+
+
+def seed_run(seed, scratch, max_steps=0):
+    """One seed of the default recipe in its own scratch: import the adidas data, train through a
+    real job, which the service then scores beside the base on the whole validation split (its
+    automatic evaluation, with the promotion gate). A seed that a rerun finds finished in its
+    scratch is not trained again. Writes and returns ``scratch/run.json``."""
     from django.core.management import call_command
 
     from finetuning.models import Dataset, Evaluation, FineTuningJob
     from finetuning.services.jobs import job_start
 
     call_command("migrate", verbosity=0)
-    log("preparing the base model")
     call_command("prepare_base_model")
-    log("importing the adidas reference data")
-    call_command("import_examples", str(ADIDAS_CSV), "--dataset", "adidas", *[f"--map={m}" for m in ADIDAS_MAPPING])
+    if not Dataset.objects.filter(name="adidas").exists():
+        call_command("import_examples", str(ADIDAS_CSV), "--dataset", "adidas",
+                     *[f"--map={m}" for m in ADIDAS_MAPPING])  # fmt: skip
     dataset = Dataset.objects.get(name="adidas")
-    runs, snapshot = [], None
-    for seed in seeds:
-        log(f"fine-tuning with the default recipe, seed {seed}, then the automatic evaluation (in this process)")
+    done = [
+        job
+        for job in FineTuningJob.objects.filter(dataset=dataset, status="succeeded").select_related("snapshot")
+        if job.hyperparameters.get("seed") == seed and job.hyperparameters.get("max_steps") == max_steps
+    ]
+    if done:
+        job = done[0]
+        log(f"seed {seed}: job {job.pk} finished in an earlier run, version {job.model_version.name}")
+    else:
+        log(f"seed {seed}: fine-tuning with the default recipe, then the automatic evaluation")
         started = time.monotonic()
-        # The first seed is the default recipe exactly as a curator starts it (no overrides).
+        # The recipe's own seed is the default recipe exactly as a curator starts it (no overrides).
         overrides = ({} if seed == DEFAULT_SEED else {"seed": seed}) | ({"max_steps": max_steps} if max_steps else {})
-        job = job_start(dataset=dataset, hyperparameters=overrides or None, snapshot=snapshot)
+        job = job_start(dataset=dataset, hyperparameters=overrides or None)
         job = FineTuningJob.objects.select_related("snapshot").get(pk=job.pk)
         if job.status != "succeeded":
             raise SystemExit(f"seed {seed}: the job {job.status}: {job.error}")
-        snapshot = job.snapshot  # every seed trains and is scored on the same examples
-        evaluation = Evaluation.objects.filter(version=job.model_version).first()
-        log(f"job {job.pk} {job.status} in {time.monotonic() - started:.0f} s: version {job.model_version.name}")
-        runs.append(
-            {
-                "seed": seed,
-                "version": job.model_version.name,
-                "hyperparameters": job.hyperparameters,
-                "job_metrics": job.metrics,
-                "loss_history": job.loss_history,
-                "validation_history": job.validation_history,
-                "promotion": (evaluation.promotion or {}) if evaluation else {},
-            }
-        )
-        (scratch / "runs.json").write_text(json.dumps(runs, indent=2))  # what is done so far, should a later step fail
-    results = {"seeds": seeds, "runs": runs, "data": data_numbers(snapshot)}
-    evaluations = [("base", ["--version", "base", "--split-of", runs[0]["version"]])]
-    evaluations += [(run["version"], ["--version", run["version"]]) for run in runs]
-    for label, arguments in evaluations:
-        out = scratch / f"evaluate-{label}.json"
-        log(f"python manage.py evaluate {' '.join(arguments)} --json {out.name}")
-        call_command("evaluate", *arguments, "--json", str(out))
-        scored = json.loads(out.read_text())
-        if label == "base":
-            results["base"] = scored
-        else:
-            next(run for run in runs if run["version"] == label)["evaluation"] = scored
-    return results
+        log(f"seed {seed}: job {job.pk} and its evaluation in {time.monotonic() - started:.0f} s")
+    evaluation = Evaluation.objects.filter(version=job.model_version, automatic=True).first()
+    if evaluation is None or evaluation.status != "succeeded":
+        raise SystemExit(f"seed {seed}: the evaluation of {job.model_version.name} did not succeed: "
+                         f"{evaluation.error if evaluation else 'none was made'}")  # fmt: skip
+    run = {
+        "seed": seed,
+        "version": job.model_version.name,
+        "hyperparameters": job.hyperparameters,
+        "job_metrics": job.metrics,
+        "loss_history": job.loss_history,
+        "validation_history": job.validation_history,
+        "promotion": evaluation.promotion or {},
+        "snapshot": job.snapshot.sha256,
+        "data": data_numbers(job.snapshot),
+        "evaluation": _scored(evaluation, "candidate"),
+        "base": _scored(evaluation, "base"),
+    }
+    (scratch / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False))
+    return run
+
+
+def run_seeds(seeds, jobs, max_steps=0):
+    """Every seed in a process of its own (``jobs`` at once, the cores shared among them), each
+    with its own database and model store under var/report/seed-N/; their results combined."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, runs = list(seeds), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed = pending.pop(0)
+            command = [sys.executable, __file__, "--seed-run", str(seed), "--threads", str(threads),
+                       "--max-steps", str(max_steps)]  # fmt: skip
+            log(f"seed {seed}: started ({threads} thread{'s' if threads > 1 else ''}), var/report/seed-{seed}/")
+            running[seed] = subprocess.Popen(command)
+        time.sleep(2)
+        for seed, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[seed]
+            if process.returncode != 0:
+                for other in running.values():
+                    other.terminate()
+                raise SystemExit(f"report: seed {seed} failed (exit {process.returncode}); its scratch stays")
+            runs[seed] = json.loads((SCRATCH / f"seed-{seed}" / "run.json").read_text())
+    runs = [runs[seed] for seed in seeds]
+    if len({run["snapshot"] for run in runs}) != 1:
+        raise SystemExit("report: the seeds were trained on different snapshots of the data")
+    return {"seeds": list(seeds), "runs": runs, "base": runs[0]["base"], "data": runs[0]["data"]}
 
 
 def last_run(scratch):
     results_path = scratch / "results.json"
     if not results_path.is_file():
         raise SystemExit(f"report: no earlier run in {scratch}; run without --render-only first")
-    setup(scratch, fresh=False)
+    setup(scratch)
     return json.loads(results_path.read_text())
 
 
@@ -489,12 +536,18 @@ def render(results, folder):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", action="store_true", help="Keep var/report/ (database, model store) afterwards.")
+    parser.add_argument("--keep", action="store_true", help="Keep the model stores in var/report/ afterwards.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "REPORT.md")
     parser.add_argument(
         "--seeds",
         default=",".join(map(str, SEEDS)),
         help=f"training seeds of the default recipe, comma-separated (default {','.join(map(str, SEEDS))})",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds trained at once, each in its own process (default 1)"
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="Start from an empty var/report/ (default: reuse finished seeds)."
     )
     parser.add_argument(
         "--max-steps",
@@ -507,20 +560,32 @@ def main():
         action="store_true",
         help="Fill the template again from the last run's results in var/report/ (after editing the template).",
     )
+    parser.add_argument("--seed-run", type=int, default=None, help=argparse.SUPPRESS)  # one seed's process
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.seed_run is not None:
+        scratch = SCRATCH / f"seed-{args.seed_run}"
+        setup(scratch, threads=args.threads)
+        seed_run(args.seed_run, scratch, args.max_steps)
+        return
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds: comma-separated whole numbers, not {args.seeds!r}")
+    if args.jobs < 1:
+        parser.error("--jobs: at least 1")
     if not ADIDAS_CSV.is_file():
         raise SystemExit(f"report: the reference data is not at {ADIDAS_CSV}")
     started = time.monotonic()
     if args.render_only:
         results = last_run(SCRATCH)
     else:
-        setup(SCRATCH)
-        results = run_pipeline(SCRATCH, seeds, args.max_steps)
+        if args.fresh and SCRATCH.exists():
+            shutil.rmtree(SCRATCH)
+        results = run_seeds(seeds, args.jobs, args.max_steps)
         results["elapsed_seconds"] = time.monotonic() - started
+        results["jobs"] = args.jobs
+        setup(SCRATCH)
         (SCRATCH / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     folder = args.output.parent / "report"
     text, facts = render(results, folder)
@@ -531,7 +596,8 @@ def main():
         os.replace(temporary, path)  # a failed run leaves the previous report whole
     log(f"wrote {args.output} in {(time.monotonic() - started) / 60:.0f} min")
     if not args.keep:
-        shutil.rmtree(SCRATCH / "models", ignore_errors=True)
+        for seed in seeds if not args.render_only else ():
+            shutil.rmtree(SCRATCH / f"seed-{seed}" / "models", ignore_errors=True)
 
 
 if __name__ == "__main__":
