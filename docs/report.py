@@ -128,6 +128,7 @@ def seed_run(seed, scratch, max_steps=0):
         "loss_history": job.loss_history,
         "validation_history": job.validation_history,
         "promotion": evaluation.promotion or {},
+        "fact_terms": evaluation.fact_terms,
         "snapshot": job.snapshot.sha256,
         "data": data_numbers(job.snapshot),
         "evaluation": _scored(evaluation, "candidate"),
@@ -169,8 +170,16 @@ def last_run(scratch):
     results_path = scratch / "results.json"
     if not results_path.is_file():
         raise SystemExit(f"report: no earlier run in {scratch}; run without --render-only first")
-    setup(scratch)
     return json.loads(results_path.read_text())
+
+
+def parent_setup():
+    """The combining process's settings: a database of its own (the fact vocabulary's curators'
+    terms are read from it when a run did not record its vocabulary)."""
+    from django.core.management import call_command
+
+    setup(SCRATCH)
+    call_command("migrate", verbosity=0)
 
 
 def _number(value, digits=2):
@@ -203,7 +212,9 @@ def reference_metrics(results):
     examples = first(results)["examples"]
     references = [e["reference"] for e in examples]
     attributes = [e["attributes"] for e in examples]
-    return text_metrics(references, references, attributes, ["stop"] * len(examples), fact_terms=fact_vocabulary())
+    # The vocabulary the evaluations used (recorded with each), so that the references are judged alike.
+    terms = results["runs"][0].get("fact_terms") or fact_vocabulary()
+    return text_metrics(references, references, attributes, ["stop"] * len(examples), fact_terms=terms)
 
 
 def metric_summary(results):
@@ -442,6 +453,15 @@ def draw_figures(results, summary, measured, folder):
     }
 
 
+def cpu_name():
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def serving_values(measured):
     """Section 3's speeds, from the serving measurement that section 10 quotes."""
     baseline = measured["baseline"]["one_stream_tokens_per_second"]
@@ -481,8 +501,7 @@ def render(results, folder):
     seeds = results["seeds"]
     values = {
         "generated": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "elapsed_minutes": f"{results.get('elapsed_seconds', 0) / 60:.0f}",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
         "base_model": settings.BASE_MODEL_NAME,
         **{key: str(value) for key, value in results["data"].items()},
@@ -499,6 +518,7 @@ def render(results, folder):
         "metrics_table": metrics_table(summary, seeds),
         **{f"base_{key}": metric_format(key, row["base"]) for key, row in summary.items()},
         **{f"tuned_{key}": _spread(key, row) for key, row in summary.items()},
+        **{f"references_{key}": metric_format(key, row["references"]) for key, row in summary.items()},
         "coverage_table": coverage_table(results),
         "targets_table": targets_table(target_rows),
         "targets_verdict": "All targets are met by the mean." if all(r["met"] for r in target_rows) else
@@ -579,13 +599,14 @@ def main():
     started = time.monotonic()
     if args.render_only:
         results = last_run(SCRATCH)
+        parent_setup()
     else:
         if args.fresh and SCRATCH.exists():
             shutil.rmtree(SCRATCH)
         results = run_seeds(seeds, args.jobs, args.max_steps)
         results["elapsed_seconds"] = time.monotonic() - started
         results["jobs"] = args.jobs
-        setup(SCRATCH)
+        parent_setup()
         (SCRATCH / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     folder = args.output.parent / "report"
     text, facts = render(results, folder)

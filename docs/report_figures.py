@@ -20,6 +20,7 @@ REFERENCE = "#e08a1e"
 ANCHOR = "#6a9a3a"
 SEED_SHADES = ("#1f6fb4", "#5aa0d8", "#0b3d66", "#8fc1ea")
 DPI = 110
+SMOOTHING = 10  # steps in the training-loss curve's running mean
 
 # The metrics the bars show, by panel: those on a 0-100 scale (shares shown as percentages)
 # side by side, perplexity apart because its scale is its own.
@@ -39,7 +40,12 @@ def loss_curves(runs, path):
     for shade, run in zip(SEED_SHADES, runs, strict=False):
         if run["loss_history"]:
             steps, losses = zip(*run["loss_history"], strict=True)
-            axes.plot(steps, losses, color=shade, linewidth=0.9, alpha=0.75, label=f"training loss, seed {run['seed']}")
+            axes.plot(steps, losses, color=shade, linewidth=0.6, alpha=0.25)
+            # One batch's loss is noisy (batches differ in length and kind): the trend is the mean.
+            window = min(SMOOTHING, len(losses))
+            smooth = [statistics.fmean(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+            axes.plot(steps, smooth, color=shade, linewidth=1.6,
+                      label=f"training loss, seed {run['seed']} ({window}-step mean; faint: each step)")  # fmt: skip
         if run["validation_history"]:
             steps, losses = zip(*run["validation_history"], strict=True)
             axes.plot(steps, losses, color=shade, marker="o", linestyle="--", linewidth=1.2,

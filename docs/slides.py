@@ -115,9 +115,10 @@ def values(facts, out):
         "rouge_sd": f"{metrics['rouge_l']['sd']:.2f}",
         "engine_one": _ratio(default["one_stream_tokens_per_second"], baseline),
         "engine_eight": _ratio(default["aggregate_8_clients_tokens_per_second"], baseline),
-        "engine_vs_llama": _ratio(default["one_stream_tokens_per_second"], llama["one_stream_tokens_per_second"])
+        "llama_sentence": f"**{_ratio(default['one_stream_tokens_per_second'], llama['one_stream_tokens_per_second'])}"
+        f" x** llama.cpp on one stream"
         if llama
-        else "(llama.cpp not measured in this run)",
+        else "llama.cpp was not measured in this run",
         "serving_when": f"{serving['when']}, `{serving['command']}`",
         "serving_machine": serving["machine"],
         "cost_rows": "\n".join(
