@@ -85,7 +85,7 @@ def _scored(evaluation, role):
 def seed_run(seed, scratch, max_steps=0):
     """One seed of the default recipe in its own scratch: import the adidas data, train through a
     real job, which the service then scores beside the base on the whole validation split (its
-    automatic evaluation, with the promotion gate). A seed that a rerun finds finished in its
+    automatic evaluation, with the promotion gate). A seed that a rerun (--resume) finds finished in its
     scratch is not trained again. Writes and returns ``scratch/run.json``."""
     from django.core.management import call_command
 
@@ -567,7 +567,9 @@ def main():
         "--jobs", type=int, default=1, help="seeds trained at once, each in its own process (default 1)"
     )
     parser.add_argument(
-        "--fresh", action="store_true", help="Start from an empty var/report/ (default: reuse finished seeds)."
+        "--resume",
+        action="store_true",
+        help="Reuse the seeds an interrupted run finished in var/report/ (default: start from an empty one).",
     )
     parser.add_argument(
         "--max-steps",
@@ -601,7 +603,7 @@ def main():
         results = last_run(SCRATCH)
         parent_setup()
     else:
-        if args.fresh and SCRATCH.exists():
+        if not args.resume and SCRATCH.exists():
             shutil.rmtree(SCRATCH)
         results = run_seeds(seeds, args.jobs, args.max_steps)
         results["elapsed_seconds"] = time.monotonic() - started
