@@ -45,6 +45,9 @@ def setup(examples):
             "CELERY_TASK_ALWAYS_EAGER": "true",
             "PROMOTION_AUTO_ACTIVATE": "false",
             "EVALUATION_MAX_EXAMPLES": str(examples),
+            # The recipes' own text: the fact guard (bench/fact_guard_bench.py) would hide the difference.
+            "EVALUATION_FACT_GUARD": "false",
+            "INFERENCE_NATIVE_DIR": os.environ.get("INFERENCE_NATIVE_DIR", str(ROOT / "var" / "native")),
         }
     )
     sys.path.insert(0, str(ROOT))

@@ -1,6 +1,6 @@
 """Regenerate docs/REPORT.md: train the default recipe on the adidas reference data with
-three seeds, each version scored beside the base model on the whole validation split, all
-through the service's own commands and services; then fill the numbers (mean ± standard
+three seeds, each version scored beside the base model on the whole validation split, with
+the fact guard on (as served) and off, all through the service's own commands and services; then fill the numbers (mean ± standard
 deviation over seeds) into docs/REPORT.template.md, draw the figures into docs/report/ and
 write docs/report/results.json, the summary the slides (docs/slides.py) are made from.
 
@@ -57,6 +57,8 @@ def setup(scratch, *, threads=0):
             "PROMOTION_AUTO_ACTIVATE": "true",
             # The whole validation split, in the jobs' own evaluations.
             "EVALUATION_MAX_EXAMPLES": "100000",
+            # The decode kernels `make install` built, not a scratch folder's that has none.
+            "INFERENCE_NATIVE_DIR": os.environ.get("INFERENCE_NATIVE_DIR", str(ROOT / "var" / "native")),
         }
     )
     if threads:
@@ -82,15 +84,41 @@ def _scored(evaluation, role):
     }
 
 
+def guarded_evaluation(version, guard, seed):
+    """``version``'s evaluation on the whole validation split with the fact guard ``guard`` ("on" or
+    "off"): one it already has, else one run now (in this process: Celery runs tasks eagerly here)."""
+    from finetuning.models import Evaluation
+    from finetuning.scoring import Decoding
+    from finetuning.services.evaluations import evaluation_start
+
+    def found():
+        for evaluation in Evaluation.objects.filter(version=version, status="succeeded").order_by("-pk"):
+            if Decoding.from_dict(evaluation.decoding).fact_guard == (guard == "on"):
+                return evaluation
+        return None
+
+    if found() is None:
+        log(f"seed {seed}: evaluating {version.name} with the fact guard {guard}")
+        evaluation = evaluation_start(version=version, fact_guard=guard == "on")
+        evaluation.refresh_from_db()
+        if evaluation.status != "succeeded":
+            raise SystemExit(f"seed {seed}: the evaluation with the fact guard {guard} {evaluation.status}: "
+                             f"{evaluation.error}")  # fmt: skip
+    return found()
+
+
 def seed_run(seed, scratch, max_steps=0):
     """One seed of the default recipe in its own scratch: import the adidas data, train through a
     real job, which the service then scores beside the base on the whole validation split (its
-    automatic evaluation, with the promotion gate). A seed that a rerun (--resume) finds finished in its
+    automatic evaluation), and score it again with the fact guard the other way, so that the report
+    has both; the promotion gate's decision is the one on the evaluation as served. A seed that a rerun (--resume) finds finished in its
     scratch is not trained again. Writes and returns ``scratch/run.json``."""
+    from django.conf import settings
     from django.core.management import call_command
 
     from finetuning.models import Dataset, Evaluation, FineTuningJob
     from finetuning.services.jobs import job_start
+    from finetuning.services.promotion import promotion_decide
 
     call_command("migrate", verbosity=0)
     call_command("prepare_base_model")
@@ -116,10 +144,13 @@ def seed_run(seed, scratch, max_steps=0):
         if job.status != "succeeded":
             raise SystemExit(f"seed {seed}: the job {job.status}: {job.error}")
         log(f"seed {seed}: job {job.pk} and its evaluation in {time.monotonic() - started:.0f} s")
-    evaluation = Evaluation.objects.filter(version=job.model_version, automatic=True).first()
-    if evaluation is None or evaluation.status != "succeeded":
+    automatic = Evaluation.objects.filter(version=job.model_version, automatic=True).first()
+    if automatic is None or automatic.status != "succeeded":
         raise SystemExit(f"seed {seed}: the evaluation of {job.model_version.name} did not succeed: "
-                         f"{evaluation.error if evaluation else 'none was made'}")  # fmt: skip
+                         f"{automatic.error if automatic else 'none was made'}")  # fmt: skip
+    by_guard = {guard: guarded_evaluation(job.model_version, guard, seed) for guard in ("on", "off")}
+    served = by_guard["on" if settings.EVALUATION_FACT_GUARD else "off"]
+    decision = promotion_decide(served)
     run = {
         "seed": seed,
         "version": job.model_version.name,
@@ -127,12 +158,17 @@ def seed_run(seed, scratch, max_steps=0):
         "job_metrics": job.metrics,
         "loss_history": job.loss_history,
         "validation_history": job.validation_history,
-        "promotion": evaluation.promotion or {},
-        "fact_terms": evaluation.fact_terms,
+        # The gate on the evaluation as served (the job's own ran on the settings of its day).
+        "promotion": {"passed": decision.activate, "reason": decision.reason},
+        "fact_terms": served.fact_terms,
         "snapshot": job.snapshot.sha256,
         "data": data_numbers(job.snapshot),
-        "evaluation": _scored(evaluation, "candidate"),
-        "base": _scored(evaluation, "base"),
+        "evaluation": _scored(served, "candidate"),
+        "base": _scored(served, "base"),
+        "by_guard": {
+            guard: {"evaluation": _scored(evaluation, "candidate"), "base": _scored(evaluation, "base")}
+            for guard, evaluation in by_guard.items()
+        },
     }
     (scratch / "run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False))
     return run
@@ -239,6 +275,88 @@ def metric_summary(results):
             "references": references[key] if key in REFERENCE_METRICS else None,
         }
     return summary
+
+
+# The metrics that item 5 of issue 20 holds the fact guard to, against the text without it.
+GUARD_METRICS = (
+    "unsupported_claim_share",
+    "rouge_l",
+    "chrf",
+    "attribute_coverage",
+    "repeated_4gram_share",
+    "length_ratio",
+    "mean_words",
+)
+
+
+def guard_summary(results):
+    """Per metric of GUARD_METRICS: the base's and the fine-tuned versions' values (every seed's,
+    mean and sd) with the fact guard off and on."""
+    from finetuning.metrics import METRICS
+
+    summary = {}
+    for key in GUARD_METRICS:
+        row = {"label": METRICS[key].label, "better": METRICS[key].better, "percent": METRICS[key].percent}
+        for guard in ("off", "on"):
+            runs = [run["by_guard"][guard]["evaluation"]["metrics"][key] for run in results["runs"]]
+            row[guard] = {
+                "base": results["runs"][0]["by_guard"][guard]["base"]["metrics"][key],
+                "runs": runs,
+                "mean": statistics.fmean(runs),
+                "sd": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+            }
+        summary[key] = row
+    return summary
+
+
+def guard_targets(summary):
+    """Issue 20's item 5 on the fine-tuned versions, the guard on against off: on the means, and
+    in how many seeds each held on its own."""
+
+    def rows(off, on):
+        return [
+            ("outputs with an unsupported claim at most half", on["unsupported_claim_share"]
+             <= 0.5 * off["unsupported_claim_share"],
+             f"{100 * off['unsupported_claim_share']:.1f}% -> {100 * on['unsupported_claim_share']:.1f}%"),
+            ("ROUGE-L at most 1 point lower", on["rouge_l"] >= off["rouge_l"] - 1,
+             f"{on['rouge_l'] - off['rouge_l']:+.2f} points"),
+            ("chrF no worse", on["chrf"] >= off["chrf"], f"{on['chrf'] - off['chrf']:+.2f}"),
+            ("attribute coverage no worse", on["attribute_coverage"] >= off["attribute_coverage"],
+             f"{100 * (on['attribute_coverage'] - off['attribute_coverage']):+.1f} pts"),
+            ("repetition no higher (outputs with a repeated 4-gram)",
+             on["repeated_4gram_share"] <= off["repeated_4gram_share"],
+             f"{100 * off['repeated_4gram_share']:.1f}% -> {100 * on['repeated_4gram_share']:.1f}%"),
+        ]  # fmt: skip
+
+    seeds = len(next(iter(summary.values()))["on"]["runs"])
+    means = [rows({k: r["off"]["mean"] for k, r in summary.items()}, {k: r["on"]["mean"] for k, r in summary.items()})]
+    per_seed = [
+        rows({k: r["off"]["runs"][i] for k, r in summary.items()}, {k: r["on"]["runs"][i] for k, r in summary.items()})
+        for i in range(seeds)
+    ]
+    return [
+        {"name": name, "value": value, "met": met, "seeds_met": sum(seed[index][1] for seed in per_seed),
+         "seeds": seeds}
+        for index, (name, met, value) in enumerate(means[0])
+    ]  # fmt: skip
+
+
+def guard_table(summary, seeds):
+    from finetuning.metrics import metric_format
+
+    lines = [
+        f"| metric | base, guard off | base, guard on | fine-tuned, guard off (mean ± sd of {len(seeds)} seeds) "
+        "| fine-tuned, guard on | change with the guard |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, row in summary.items():
+        better = f" ({row['better']} is better)" if row["better"] else ""
+        lines.append(
+            f"| {row['label']}{better} | {metric_format(key, row['off']['base'])} "
+            f"| {metric_format(key, row['on']['base'])} | {_spread(key, row['off'])} | {_spread(key, row['on'])} "
+            f"| {_change(key, row['off']['mean'], row['on']['mean'])} |"
+        )
+    return "\n".join(lines)
 
 
 def _spread(key, row):
@@ -361,29 +479,39 @@ def _flat(text):
 def examples(results, count):
     from finetuning.prompts import product_lines
 
+    def shown(output):
+        return _flat(output["text"]) + (" [cut off]" if output["finish_reason"] == "length" else "")
+
+    unguarded = results["runs"][0]["by_guard"]["off"]["evaluation"]["examples"]
     out = []
-    for a, b in zip(results["base"]["examples"][:count], first(results)["examples"][:count], strict=True):
+    outputs = zip(results["base"]["examples"], first(results)["examples"], unguarded, strict=True)
+    for a, b, c in list(outputs)[:count]:
         out.append(
             {
                 "facts": "; ".join(product_lines(a["attributes"])),
                 "reference": _flat(a["reference"]),
-                "base": _flat(a["text"]) + (" [cut off]" if a["finish_reason"] == "length" else ""),
-                "tuned": _flat(b["text"]) + (" [cut off]" if b["finish_reason"] == "length" else ""),
+                "base": shown(a),
+                "tuned": shown(b),
                 "unsupported": b.get("unsupported") or [],
+                "tuned_unguarded": shown(c),
+                "unsupported_unguarded": c.get("unsupported") or [],
             }
         )
     return out
 
 
 def examples_section(shown):
+    def claims(terms):
+        return f" *(unsupported: {', '.join(terms)})*" if terms else ""
+
     parts = []
     for number, example in enumerate(shown, start=1):
-        unsupported = ", ".join(example["unsupported"])
         parts.append(
             f"**{number}. {example['facts']}**\n\n"
             f"- *Reference:* {example['reference']}\n"
             f"- *Base:* {example['base']}\n"
-            f"- *Fine-tuned:* {example['tuned']}" + (f" *(unsupported: {unsupported})*" if unsupported else "") + "\n"
+            f"- *Fine-tuned, fact guard off:* {example['tuned_unguarded']}{claims(example['unsupported_unguarded'])}\n"
+            f"- *Fine-tuned, as served (fact guard on):* {example['tuned']}{claims(example['unsupported'])}\n"
         )
     return "\n".join(parts)
 
@@ -492,6 +620,8 @@ def render(results, folder):
 
     summary = metric_summary(results)
     target_rows = targets(summary)
+    guarding = guard_summary(results)
+    guard_rows = guard_targets(guarding)
     measured = costs.check_measured(json.loads((ROOT / "docs" / "measured_serving.json").read_text()))
     figures = draw_figures(results, summary, measured, folder)
     scored = first(results)
@@ -524,7 +654,13 @@ def render(results, folder):
         "targets_verdict": "All targets are met by the mean." if all(r["met"] for r in target_rows) else
         "**Not every target is met**: see the table.",
         "gate_decision": gate.get("reason", "–"),
-        "gate_activated": "was activated" if gate.get("activated") else "was not activated",
+        "gate_activated": "passes" if gate.get("passed") else "does not pass",
+        "guard_table": guard_table(guarding, seeds),
+        "guard_targets_table": targets_table(guard_rows),
+        "guard_verdict": "Every line of it is met by the mean." if all(r["met"] for r in guard_rows) else
+        "**Not every line of it is met**: see the table.",
+        **{f"unguarded_{key}": _spread(key, row["off"]) for key, row in guarding.items()},
+        **{f"base_unguarded_{key}": metric_format(key, row["off"]["base"]) for key, row in guarding.items()},
         "examples": examples_section(shown),
         "examples_shown": str(EXAMPLES_SHOWN),
         **{f"figure_{name}": f"report/{file}" for name, file in figures.items()},
@@ -546,6 +682,8 @@ def render(results, folder):
         "training": training,
         "metrics": summary,
         "targets": target_rows,
+        "fact_guard": guarding,
+        "fact_guard_targets": guard_rows,
         "examples": shown,
         "serving": measured,
         "costs": costs.summary(measured=measured),

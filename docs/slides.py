@@ -113,6 +113,7 @@ def values(facts, out):
             metrics["unsupported_claim_share"], metrics["unsupported_claim_share"]["references"]
         ),
         "rouge_sd": f"{metrics['rouge_l']['sd']:.2f}",
+        **guard_values(facts),
         "engine_one": _ratio(default["one_stream_tokens_per_second"], baseline),
         "engine_eight": _ratio(default["aggregate_8_clients_tokens_per_second"], baseline),
         "llama_sentence": f"**{_ratio(default['one_stream_tokens_per_second'], llama['one_stream_tokens_per_second'])}"
@@ -128,6 +129,27 @@ def values(facts, out):
         ),
         "prices_as_of": facts["costs"]["prices_as_of"],
         **{f"figure_{name}": figure(name) for name in facts["figures"]},
+    }
+
+
+def guard_values(facts):
+    """The fact guard's slide: each metric of the fine-tuned versions with the guard off and on."""
+    guard = facts["fact_guard"]
+
+    def side(key, which):
+        row = guard[key]
+        return _spread({**row[which], "percent": row["percent"]})
+
+    missed = [target["name"] for target in facts["fact_guard_targets"] if not target["met"]]
+    return {
+        "guard_rows": "\n".join(
+            f"| {guard[key]['label']} | {side(key, 'off')} | {side(key, 'on')} |"
+            for key in ("unsupported_claim_share", "rouge_l", "chrf", "attribute_coverage", "repeated_4gram_share")
+        ),
+        "guard_summary": "every line of issue 20's item 5 met by the mean"
+        if not missed
+        else "missed by the mean: " + "; ".join(missed),
+        "example_tuned_unguarded": _cut(facts["examples"][0]["tuned_unguarded"]),
     }
 
 

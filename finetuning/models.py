@@ -238,7 +238,8 @@ class Activation(models.Model):
 class FactTerm(models.Model):
     """A curator's addition to the fact vocabulary of the unsupported-claims metric: a word or
     phrase that states a product fact (finetuning/facts.py; the reviewed vocabulary shipped with
-    the code is finetuning/fact_terms.json). Evaluations started after it is added use it."""
+    the code is finetuning/fact_terms.json). Evaluations started after it is added use it, and so
+    does the fact guard of generations (inference/fact_guard.py) from the moment it is saved."""
 
     class Kind(models.TextChoices):
         MATERIAL = "material"

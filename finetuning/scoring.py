@@ -21,24 +21,36 @@ from finetuning.prompts import product_prompt, training_pair
 class Decoding:
     """Generation settings of an evaluation, kept with it: the same for every version it compares.
     Greedy; each version's text is generated with the GenerationParams they make (_generate). No
-    defaults of their own: from_settings (EVALUATION_MAX_NEW_TOKENS, ...), or the stored evaluation's."""
+    defaults of their own: from_settings (EVALUATION_MAX_NEW_TOKENS, ...), or the stored evaluation's
+    (one stored before the fact guard existed was generated without it)."""
 
     max_new_tokens: int
     repetition_penalty: float
+    fact_guard: bool
 
     @classmethod
     def from_settings(cls):
         return cls(
             max_new_tokens=settings.EVALUATION_MAX_NEW_TOKENS,
             repetition_penalty=settings.EVALUATION_REPETITION_PENALTY,
+            fact_guard=settings.EVALUATION_FACT_GUARD,
         )
 
     def as_dict(self):
-        return {"greedy": True, "max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        return {
+            "greedy": True,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "fact_guard": self.fact_guard,
+        }
 
     @classmethod
     def from_dict(cls, data):
-        return cls(max_new_tokens=data["max_new_tokens"], repetition_penalty=data["repetition_penalty"])
+        return cls(
+            max_new_tokens=data["max_new_tokens"],
+            repetition_penalty=data["repetition_penalty"],
+            fact_guard=data.get("fact_guard", False),
+        )
 
 
 @dataclass
@@ -103,7 +115,11 @@ def _generate(loaded, prompts, decoding, advance):
     from inference.engine.params import GenerationParams
     from inference.generation import generation_collect, generation_submit
 
-    params = GenerationParams(max_new_tokens=decoding.max_new_tokens, repetition_penalty=decoding.repetition_penalty)
+    params = GenerationParams(
+        max_new_tokens=decoding.max_new_tokens,
+        repetition_penalty=decoding.repetition_penalty,
+        fact_guard=decoding.fact_guard,
+    )
     window = 2 * settings.INFERENCE_MAX_BATCH
     timeout = max(settings.GENERATE_TIMEOUT_SECONDS, 30.0 * decoding.max_new_tokens)
     results, in_flight, pending = {}, [], list(enumerate(prompts))

@@ -30,13 +30,15 @@ class GenerationResult:
 
 
 def generation_submit(loaded, prompt_text, params, *, timeout=None):
-    """Queue a generation of ``params`` (a GenerationParams) with ``loaded``'s engine; returns
-    (Generation, prompt tokens).
+    """Queue a generation of ``params`` (a GenerationParams) with ``loaded``'s engine, with the fact
+    guard (inference/fact_guard.py) when the params ask for it; returns (Generation, prompt tokens).
     Raises engine.PromptTooLong (the engine checks the context), or engine.QueueFull when the
     queue is full."""
+    from inference.fact_guard import request_guard
     from inference.loader import model_get
 
     prompt_ids = loaded.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    banned = request_guard(loaded.tokenizer, prompt_text) if params.fact_guard else None
     while True:
         try:
             generation = loaded.engine.submit(
@@ -47,6 +49,7 @@ def generation_submit(loaded, prompt_text, params, *, timeout=None):
                 stops=params.stop,
                 adapter=loaded.adapter,
                 timeout=settings.GENERATE_TIMEOUT_SECONDS if timeout is None else timeout,
+                banned=banned,
             )
             return generation, len(prompt_ids)
         except EngineClosed:

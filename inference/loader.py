@@ -159,10 +159,12 @@ def engine_for_directory(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from inference.engine import DecoderWeights, Engine
+    from inference.fact_guard import tokenizer_forms
 
     if threads:
         torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer_forms(tokenizer)  # the fact guard's tables, built here rather than in a request
     model = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32)
     decoder = DecoderWeights(model.eval(), quantize=quantize, pack=pack)
     del model  # the decoder holds what it needs

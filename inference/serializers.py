@@ -214,6 +214,12 @@ class GenerateRequestSerializer(StrictSerializer):
         "nor approved need an API key with the models:unreleased scope.",
     )
     stop = StopField(required=False, default=list)
+    fact_guard = StrictBooleanField(
+        default=param_default("fact_guard"),
+        help_text="No product fact (material, technology, sport, fit, certification of the fact vocabulary) that "
+        "the product or prompt does not state: the model writes another word instead. Set false for the model's "
+        "text as it is.",
+    )
     stream = StrictBooleanField(
         default=False,
         help_text="Answer with server-sent events (text/event-stream): a `chunk` event per piece of text as it is "

@@ -28,6 +28,14 @@ SEED_TEXTS = {
     7: ["Ultra Runner Shoes. Run the long way home in these adidas shoes with a rubber outsole.",
         "Sculpt Tights. These tights are made with Primegreen and hold you in as you bend."],
 }  # fmt: skip
+# The same versions with the fact guard on: the invented materials replaced by the next word.
+GUARDED = {
+    42: [SEED_TEXTS[42][0].replace("a leather upper", "a soft upper"), SEED_TEXTS[42][1]],
+    7: [
+        SEED_TEXTS[7][0].replace("a rubber outsole", "a grippy outsole"),
+        SEED_TEXTS[7][1].replace("made with Primegreen", "made with care"),
+    ],
+}
 
 
 def _report_module():
@@ -64,6 +72,10 @@ def _scored(texts, loss):
 def _results():
     runs = []
     for job, (seed, texts) in enumerate(SEED_TEXTS.items(), start=1):
+        by_guard = {
+            "off": {"evaluation": _scored(texts, 2.48 + job / 100), "base": _scored(BASE_TEXTS, 3.91)},
+            "on": {"evaluation": _scored(GUARDED[seed], 2.48 + job / 100), "base": _scored(BASE_TEXTS, 3.91)},
+        }
         runs.append(
             {
                 "seed": seed,
@@ -77,8 +89,10 @@ def _results():
                 },  # fmt: skip
                 "loss_history": [[1, 3.9], [80, 2.6], [164, 2.1 + job / 100]],
                 "validation_history": [[82, 2.59], [164, 2.48 + job / 1000]],
-                "promotion": {"activated": job == 1, "reason": "ROUGE-L F1 better than the base by more than 1"},
-                "evaluation": _scored(texts, 2.48 + job / 100),
+                "promotion": {"passed": job == 1, "reason": "ROUGE-L F1 better than the base by more than 1"},
+                "evaluation": by_guard["on"]["evaluation"],
+                "base": by_guard["on"]["base"],
+                "by_guard": by_guard,
             }
         )
     return {
@@ -115,7 +129,14 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     assert f"{mean - base:+.2f} points" in target and "of 2 |" in target
     # One row per seed's training, and the example outputs of the first seed with its invented facts.
     assert "| 42 | adidas-job1 | 164 | 20.0 min |" in text and "| 7 | adidas-job2 |" in text
-    assert "*(unsupported: leather)*" in text
+    assert "*(unsupported: leather)*" in text  # with the guard off; as served, the guard kept it out
+    assert "- *Fine-tuned, as served (fact guard on):* Ultra Runner Shoes. These adidas shoes have a soft upper" in text
+    # The fact guard: each version with the guard off and on, and issue 20's item 5 judged on them.
+    claims = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim (")]
+    assert "| 0.0% | 0.0% | 75.0% ± 35.4 | 0.0% ± 0.0 | -75.0 pts |" in claims[1], claims  # after the main table
+    half = next(line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim at most"))
+    assert "75.0% -> 0.0% | yes | 2 of 2 |" in half, half
+    assert facts["fact_guard"]["unsupported_claim_share"]["on"]["runs"] == [0.0, 0.0]
     # Every figure the text links was drawn.
     for name in ("loss", "metrics", "lengths", "serving"):
         assert f"](report/{name}.png)" in text

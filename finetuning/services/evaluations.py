@@ -106,7 +106,7 @@ def _size_fields(version, examples, decoding):
     }
 
 
-def _size_check(*, version, examples, max_new_tokens):
+def _size_check(*, version, examples, max_new_tokens, fact_guard=None):
     """(validation examples to score, decoding) for the size asked, or EvaluationSizeError naming each bad field."""
     available = evaluation_examples(version=version, limit=10**9)
     errors = {}
@@ -119,16 +119,23 @@ def _size_check(*, version, examples, max_new_tokens):
     decoding = Decoding.from_settings()
     if max_new_tokens is not None:
         decoding = dataclasses.replace(decoding, max_new_tokens=max_new_tokens)
+    if fact_guard is not None:
+        decoding = dataclasses.replace(decoding, fact_guard=fact_guard)
     return available[: settings.EVALUATION_MAX_EXAMPLES if examples is None else examples], decoding
 
 
-def evaluation_start(*, version, requested_by=None, automatic=False, examples=None, max_new_tokens=None):
+def evaluation_start(
+    *, version, requested_by=None, automatic=False, examples=None, max_new_tokens=None, fact_guard=None
+):
     """Queue an evaluation of ``version`` on its validation examples (the first ``examples``,
     EVALUATION_MAX_EXAMPLES by default); a worker of the evaluation queue runs it after
     commit. Raises EvaluationError before anything is queued, and EvaluationNotQueued when
     the broker cannot be reached (the evaluation is then failed). ``automatic``: started by
-    a finished job rather than by a curator."""
-    rows, decoding = _size_check(version=version, examples=examples, max_new_tokens=max_new_tokens)
+    a finished job rather than by a curator. ``fact_guard``: generate with the fact guard on or
+    off (None: EVALUATION_FACT_GUARD)."""
+    rows, decoding = _size_check(
+        version=version, examples=examples, max_new_tokens=max_new_tokens, fact_guard=fact_guard
+    )
     try:
         with transaction.atomic():
             evaluation = Evaluation.objects.create(
@@ -171,7 +178,12 @@ def evaluation_resize(*, evaluation, examples, max_new_tokens):
     EvaluationError once it has started. A larger time limit needs its task sent again (the
     limit travels with the task): the message sent before is then left alone by the claim."""
     version = evaluation.version
-    rows, decoding = _size_check(version=version, examples=examples, max_new_tokens=max_new_tokens)
+    rows, decoding = _size_check(
+        version=version,
+        examples=examples,
+        max_new_tokens=max_new_tokens,
+        fact_guard=Decoding.from_dict(evaluation.decoding).fact_guard,  # as it was started
+    )
     fields = _size_fields(version, rows, decoding)
     grew = fields["time_limit_seconds"] > evaluation.time_limit_seconds
     with transaction.atomic():

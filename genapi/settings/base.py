@@ -197,6 +197,9 @@ GENERATE_MAX_NEW_TOKENS = env.int("GENERATE_MAX_NEW_TOKENS", default=256)
 # and their OpenAPI schema. Left unset, it follows a lower cap; set above the cap, a start-up check refuses it.
 GENERATE_DEFAULT_MAX_NEW_TOKENS = env.int("GENERATE_DEFAULT_MAX_NEW_TOKENS", default=min(160, GENERATE_MAX_NEW_TOKENS))
 GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default=4)
+# The fact guard (inference/fact_guard.py): a product fact of the fact vocabulary that the prompt does
+# not state cannot be written. A request's `fact_guard` field overrides it.
+GENERATE_FACT_GUARD = env.bool("GENERATE_FACT_GUARD", default=True)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
 # The serving engine (inference/engine/). Sequences generated together in one batch,
 # per set of weights in a process; the queue of waiting ones (past it: 503 + Retry-After);
@@ -260,6 +263,8 @@ EVALUATION_MAX_EXAMPLES = env.int("EVALUATION_MAX_EXAMPLES", default=40)
 # Evaluations score the text clients get when they name no length, unless set apart.
 EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=GENERATE_DEFAULT_MAX_NEW_TOKENS)
 EVALUATION_REPETITION_PENALTY = env.float("EVALUATION_REPETITION_PENALTY", default=1.0)
+# Evaluations score text as it is served: with the fact guard when serving has it on.
+EVALUATION_FACT_GUARD = env.bool("EVALUATION_FACT_GUARD", default=GENERATE_FACT_GUARD)
 # The promotion gate: a new version becomes active by itself only when this is on, it beats
 # the active version on the primary metric by the margin (in the metric's units: ROUGE-L
 # points), and none of the guard metrics is worse than the active version's.

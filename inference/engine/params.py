@@ -4,7 +4,7 @@ evaluations to the engine, whose sampler (inference/engine/sampling.py) reads it
 
 No Django and no torch at import: the engine imports this module. The default length is the
 GENERATE_DEFAULT_MAX_NEW_TOKENS setting, which the code takes from here and nowhere else
-(max_new_tokens_default; inference/checks.py only checks it against the cap), when a
+(max_new_tokens_default; the fact guard's, GENERATE_FACT_GUARD, likewise; inference/checks.py only checks it against the cap), when a
 GenerationParams is made without one; the request serializers' defaults, and so the OpenAPI
 schema's, are the type's (param_default)."""
 
@@ -18,6 +18,13 @@ def max_new_tokens_default():
     return settings.GENERATE_DEFAULT_MAX_NEW_TOKENS
 
 
+def fact_guard_default():
+    """The fact guard when nobody says: the GENERATE_FACT_GUARD setting."""
+    from django.conf import settings
+
+    return settings.GENERATE_FACT_GUARD
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     # The names are those of a generation log record's parameters (dataclasses.asdict): renaming one changes the log.
@@ -29,6 +36,8 @@ class GenerationParams:
     seed: int | None = None  # sampled without one: the engine draws one
     num_return_sequences: int = 1
     stop: tuple = ()  # stop sequences: the text ends before the first one
+    # No product fact that the prompt does not state (inference/fact_guard.py).
+    fact_guard: bool = field(default_factory=fact_guard_default)
 
     def __post_init__(self):
         # A serializer's list of stop sequences: a tuple, so that the parameters stay hashable and unchanged.

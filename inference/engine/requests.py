@@ -12,6 +12,7 @@ import torch
 from inference import telemetry
 from inference.engine.adapters import Adapter
 from inference.engine.params import GenerationParams
+from inference.engine.sampling import BannedSequences
 
 
 @dataclass
@@ -76,9 +77,10 @@ class Generation:
     """One request: ``n`` sequences from one prompt. Iterate for events:
     ("chunk", index, text) as text becomes final, ("done", index, Completion)."""
 
-    def __init__(self, *, engine, prompt_ids, sampling, n, max_new_tokens, stops, adapter, deadline):
+    def __init__(self, *, engine, prompt_ids, sampling, n, max_new_tokens, stops, adapter, deadline, banned=None):
         self.engine = engine
         self.prompt_ids = prompt_ids
+        self.banned = banned or BannedSequences()  # token sequences it may not write
         self.events = queue.SimpleQueue()
         self.cancelled = False
         self.deadline = deadline

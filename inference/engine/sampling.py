@@ -1,15 +1,58 @@
 """Token choice from a row of logits, per the GenerationParams the request came with
-(inference/engine/params.py, as the serializers made it): repetition penalty, then greedy, or
-temperature with top-k and top-p and one draw from the sequence's own generator."""
+(inference/engine/params.py, as the serializers made it): banned token sequences, repetition
+penalty, then greedy, or temperature with top-k and top-p and one draw from the sequence's own
+generator."""
 
 import torch
+
+
+class BannedSequences:
+    """Token sequences a generation may not write (the fact guard's, inference/fact_guard.py): the
+    last token of one is masked whenever the text so far ends with the others. ``anywhere``: the
+    sequences banned wherever they would start (a word's tokens with the space before it);
+    ``word_start``: those banned only at the start of the text or after one of the ``breaks``
+    tokens (a word's tokens without a space, which elsewhere would be the middle of another word)."""
+
+    def __init__(self, anywhere=(), word_start=(), breaks=frozenset()):
+        self.anywhere = self._by_prefix(anywhere)
+        self.word_start = self._by_prefix(word_start)
+        self.breaks = breaks
+
+    @staticmethod
+    def _by_prefix(sequences):
+        table = {}
+        for ids in sequences:
+            table.setdefault(tuple(ids[:-1]), set()).add(ids[-1])
+        return table, sorted({len(prefix) for prefix in table})
+
+    def __bool__(self):
+        return bool(self.anywhere[0] or self.word_start[0])
+
+    def blocked(self, history):
+        """The tokens that may not follow ``history`` (the tokens generated so far)."""
+        found = set()
+        table, widths = self.anywhere
+        for width in widths:
+            if width <= len(history):
+                found |= table.get(tuple(history[len(history) - width :]), set())
+        table, widths = self.word_start
+        for width in widths:
+            if width == len(history) or (width < len(history) and history[-width - 1] in self.breaks):
+                found |= table.get(tuple(history[len(history) - width :]), set())
+        return found
 
 
 def choose(sequence, logits, history=None):
     """The next token from ``logits``, after ``history`` (default: the sequence's tokens)."""
     sampling = sequence.sampling  # the request's GenerationParams
+    history = sequence.tokens if history is None else history
+    banned = sequence.generation.banned
+    if banned:
+        blocked = banned.blocked(history)
+        if blocked:
+            logits = logits.index_fill(0, torch.tensor(sorted(blocked)), float("-inf"))
     if sampling.repetition_penalty != 1.0:
-        seen = torch.tensor(sequence.generation.prompt_ids + (sequence.tokens if history is None else history))
+        seen = torch.tensor(sequence.generation.prompt_ids + history)
         score = logits.gather(0, seen)
         score = torch.where(score < 0, score * sampling.repetition_penalty, score / sampling.repetition_penalty)
         logits = logits.scatter(0, seen, score)

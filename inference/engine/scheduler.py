@@ -72,7 +72,8 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
 
     # The web threads' side.
 
-    def submit(self, *, prompt_ids, sampling, n=1, max_new_tokens, stops=(), adapter=None, timeout):
+    def submit(self, *, prompt_ids, sampling, n=1, max_new_tokens, stops=(), adapter=None, timeout, banned=None):
+        """Queue a generation; ``banned``: a BannedSequences (engine/sampling.py) it may not write."""
         if len(prompt_ids) + max_new_tokens > self.max_tokens:
             raise PromptTooLong(
                 f"the prompt is {len(prompt_ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
@@ -87,6 +88,7 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
             stops=stops,
             adapter=adapter,
             deadline=time.monotonic() + timeout,
+            banned=banned,
         )
         with self._cond:
             if self._closing:

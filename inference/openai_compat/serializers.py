@@ -145,6 +145,12 @@ class OpenAIRequestSerializer(StrictSerializer):
     repetition_penalty = StrictFloatField(
         min_value=1.0, max_value=2.0, required=False, allow_null=True, help_text="genapi extension; 1 turns it off."
     )
+    fact_guard = StrictBooleanField(
+        required=False,
+        allow_null=True,
+        help_text=f"genapi extension: no product fact that the prompt does not state (default "
+        f"{str(param_default('fact_guard')).lower()}; see POST /api/generate).",
+    )
     # OpenAI's fields that genapi does not support.
     frequency_penalty = UnsupportedField(harmless=(None, 0), why="use repetition_penalty")
     presence_penalty = UnsupportedField(harmless=(None, 0), why="use repetition_penalty")
@@ -171,6 +177,7 @@ class OpenAIRequestSerializer(StrictSerializer):
             "seed": attrs.get("seed"),
             "num_return_sequences": attrs.get("n"),
             "stop": attrs.get("stop"),
+            "fact_guard": attrs.get("fact_guard"),
         }
         return {name: value for name, value in native.items() if value is not None}
 

@@ -119,6 +119,7 @@ def test_unknown_product_attributes_reach_the_model(base_version, post):
         ({"product": PRODUCT, "prompt": "both"}, "product"),
         ({}, "product"),
         ({"prompt": ""}, "prompt"),
+        ({"product": PRODUCT, "fact_guard": "sometimes"}, "fact_guard"),
         ({"prompt": "x" * 100_000}, "prompt"),
     ],
 )

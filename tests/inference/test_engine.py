@@ -667,3 +667,26 @@ def test_a_failure_mid_prefill_reaches_every_client_and_the_engine_goes_on(livel
             _collect(generation)
     assert eventually(lambda: engine.load() == (0, 0), timeout=1.0)
     _assert_greedy(_submit(engine, lively, PROMPTS[1]), *expected(PROMPTS[1]), "after")
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_banned_sequences_never_complete_and_the_rest_of_the_text_is_untouched(lively, make_engine, quantize):
+    """The fact guard's mask (engine/sampling.py: BannedSequences): a banned sequence's last token
+    is never given out after its others; the text before that point is the unguarded text, and an
+    int8 engine, alone or in a shared batch, gives the fp32 engine's guarded text."""
+    from inference.engine.sampling import BannedSequences
+
+    full, quantized = make_engine(), make_engine(max_batch=4, quantize=quantize)
+    [(free, free_ids)] = _tokens(_submit(full, lively, PROMPTS[0])).values()
+    # Ban the free text's 4th token after its 3rd (a two-token sequence) and its 7th anywhere.
+    banned = BannedSequences(anywhere=[tuple(free_ids[2:4]), (free_ids[6],)])
+    [(guarded, guarded_ids)] = _tokens(_submit(full, lively, PROMPTS[0], banned=banned)).values()
+    assert guarded_ids[:3] == free_ids[:3] and guarded_ids[3] != free_ids[3]
+    assert free_ids[6] not in guarded_ids
+    assert not any(guarded_ids[i : i + 2] == free_ids[2:4] for i in range(len(guarded_ids) - 1))
+    together = _submit_together(
+        quantized, lively, [(PROMPTS[0], {"banned": banned}), (PROMPTS[1], {}), (PROMPTS[0], {"banned": banned})]
+    )
+    answers = [_tokens(generation)[0] for generation in together]
+    assert answers[0][1] == answers[2][1] == guarded_ids and answers[0][0].text == guarded.text
+    assert answers[1][1] == _tokens(_submit(full, lively, PROMPTS[1]))[0][1]  # its neighbours' bans are theirs

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -60,6 +61,12 @@ class Command(BaseCommand):
             "--limit", type=int, default=None, help="At most N examples (default EVALUATION_MAX_EXAMPLES)."
         )
         parser.add_argument("--max-new-tokens", type=int, default=None, help="Default EVALUATION_MAX_NEW_TOKENS.")
+        parser.add_argument(
+            "--fact-guard",
+            choices=("on", "off"),
+            default=None,
+            help="Generate with the fact guard on or off (default EVALUATION_FACT_GUARD).",
+        )
         parser.add_argument("--json", type=Path, help="Write the metrics and outputs here.")
 
     def handle(self, *args, **options):
@@ -73,9 +80,9 @@ class Command(BaseCommand):
         if options["max_new_tokens"] is not None:
             if not 1 <= options["max_new_tokens"] <= settings.GENERATE_MAX_NEW_TOKENS:
                 raise CommandError(f"--max-new-tokens must be between 1 and {settings.GENERATE_MAX_NEW_TOKENS}")
-            decoding = Decoding(
-                max_new_tokens=options["max_new_tokens"], repetition_penalty=decoding.repetition_penalty
-            )
+            decoding = dataclasses.replace(decoding, max_new_tokens=options["max_new_tokens"])
+        if options["fact_guard"] is not None:
+            decoding = dataclasses.replace(decoding, fact_guard=options["fact_guard"] == "on")
         examples, source = self._examples(options, version, limit)
 
         from tqdm import tqdm
@@ -91,7 +98,8 @@ class Command(BaseCommand):
                 raise CommandError(f"evaluating {version.name} failed: {type(exc).__name__}: {exc}") from exc
 
         self.stdout.write(f"{version.name} on {source}, {len(examples)} examples, greedy, "
-                          f"max_new_tokens={decoding.max_new_tokens}, repetition_penalty={decoding.repetition_penalty:g}")  # fmt: skip
+                          f"max_new_tokens={decoding.max_new_tokens}, repetition_penalty={decoding.repetition_penalty:g}, "
+                          f"fact guard {'on' if decoding.fact_guard else 'off'}")  # fmt: skip
         width = max(len(metric.label) for metric in METRICS.values())
         for key, metric in METRICS.items():
             self.stdout.write(f"  {metric.label:<{width}}  {metric_format(key, score.metrics.get(key)):>10}")
