@@ -1,6 +1,6 @@
 """Regenerate docs/REPORT.md: train the default recipe on the adidas reference data with
 three seeds, each version scored beside the base model on the whole validation split, with
-the fact guard on (as served) and off, all through the service's own commands and services; then fill the numbers (mean ± standard
+the fact guard off (as served by default) and on, all through the service's own commands and services; then fill the numbers (mean ± standard
 deviation over seeds) into docs/REPORT.template.md, draw the figures into docs/report/ and
 write docs/report/results.json, the summary the slides (docs/slides.py) are made from.
 
@@ -482,9 +482,10 @@ def examples(results, count):
     def shown(output):
         return _flat(output["text"]) + (" [cut off]" if output["finish_reason"] == "length" else "")
 
+    guarded = results["runs"][0]["by_guard"]["on"]["evaluation"]["examples"]
     unguarded = results["runs"][0]["by_guard"]["off"]["evaluation"]["examples"]
     out = []
-    outputs = zip(results["base"]["examples"], first(results)["examples"], unguarded, strict=True)
+    outputs = zip(results["base"]["examples"], unguarded, guarded, strict=True)
     for a, b, c in list(outputs)[:count]:
         out.append(
             {
@@ -493,8 +494,8 @@ def examples(results, count):
                 "base": shown(a),
                 "tuned": shown(b),
                 "unsupported": b.get("unsupported") or [],
-                "tuned_unguarded": shown(c),
-                "unsupported_unguarded": c.get("unsupported") or [],
+                "tuned_guarded": shown(c),
+                "unsupported_guarded": c.get("unsupported") or [],
             }
         )
     return out
@@ -510,8 +511,8 @@ def examples_section(shown):
             f"**{number}. {example['facts']}**\n\n"
             f"- *Reference:* {example['reference']}\n"
             f"- *Base:* {example['base']}\n"
-            f"- *Fine-tuned, fact guard off:* {example['tuned_unguarded']}{claims(example['unsupported_unguarded'])}\n"
-            f"- *Fine-tuned, as served (fact guard on):* {example['tuned']}{claims(example['unsupported'])}\n"
+            f"- *Fine-tuned:* {example['tuned']}{claims(example['unsupported'])}\n"
+            f"- *Fine-tuned, fact guard on:* {example['tuned_guarded']}{claims(example['unsupported_guarded'])}\n"
         )
     return "\n".join(parts)
 
@@ -618,6 +619,10 @@ def render(results, folder):
 
     from finetuning.metrics import metric_format
 
+    served = "on" if settings.EVALUATION_FACT_GUARD else "off"  # the main tables: text as served
+    for run in results["runs"]:
+        run["evaluation"], run["base"] = run["by_guard"][served]["evaluation"], run["by_guard"][served]["base"]
+    results["base"] = results["runs"][0]["base"]
     summary = metric_summary(results)
     target_rows = targets(summary)
     guarding = guard_summary(results)
@@ -659,9 +664,10 @@ def render(results, folder):
         "guard_targets_table": targets_table(guard_rows),
         "guard_verdict": "Every line of it is met by the mean." if all(r["met"] for r in guard_rows) else
         "**Not every line of it is met**: see the table.",
-        **{f"unguarded_{key}": _spread(key, row["off"]) for key, row in guarding.items()},
-        **{f"base_unguarded_{key}": metric_format(key, row["off"]["base"]) for key, row in guarding.items()},
+        **{f"guarded_{key}": _spread(key, row["on"]) for key, row in guarding.items()},
+        **{f"base_guarded_{key}": metric_format(key, row["on"]["base"]) for key, row in guarding.items()},
         "examples": examples_section(shown),
+        "served_guard": served,
         "examples_shown": str(EXAMPLES_SHOWN),
         **{f"figure_{name}": f"report/{file}" for name, file in figures.items()},
         **serving_values(measured),

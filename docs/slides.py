@@ -149,7 +149,7 @@ def guard_values(facts):
         "guard_summary": "every line of issue 20's item 5 met by the mean"
         if not missed
         else "missed by the mean: " + "; ".join(missed),
-        "example_tuned_unguarded": _cut(facts["examples"][0]["tuned_unguarded"]),
+        "example_tuned_guarded": _cut(facts["examples"][0]["tuned_guarded"]),
     }
 
 

@@ -90,8 +90,8 @@ def _results():
                 "loss_history": [[1, 3.9], [80, 2.6], [164, 2.1 + job / 100]],
                 "validation_history": [[82, 2.59], [164, 2.48 + job / 1000]],
                 "promotion": {"passed": job == 1, "reason": "ROUGE-L F1 better than the base by more than 1"},
-                "evaluation": by_guard["on"]["evaluation"],
-                "base": by_guard["on"]["base"],
+                "evaluation": by_guard["off"]["evaluation"],  # as served by default
+                "base": by_guard["off"]["base"],
                 "by_guard": by_guard,
             }
         )
@@ -129,8 +129,8 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     assert f"{mean - base:+.2f} points" in target and "of 2 |" in target
     # One row per seed's training, and the example outputs of the first seed with its invented facts.
     assert "| 42 | adidas-job1 | 164 | 20.0 min |" in text and "| 7 | adidas-job2 |" in text
-    assert "*(unsupported: leather)*" in text  # with the guard off; as served, the guard kept it out
-    assert "- *Fine-tuned, as served (fact guard on):* Ultra Runner Shoes. These adidas shoes have a soft upper" in text
+    assert "*(unsupported: leather)*" in text  # as served by default; with the guard on, it was kept out
+    assert "- *Fine-tuned, fact guard on:* Ultra Runner Shoes. These adidas shoes have a soft upper" in text
     # The fact guard: each version with the guard off and on, and issue 20's item 5 judged on them.
     claims = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim (")]
     assert "| 0.0% | 0.0% | 75.0% ± 35.4 | 0.0% ± 0.0 | -75.0 pts |" in claims[1], claims  # after the main table

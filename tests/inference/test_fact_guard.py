@@ -15,7 +15,7 @@ from finetuning.models import FactTerm
 from finetuning.prompts import product_prompt
 from finetuning.scoring import Decoding
 from finetuning.selectors import fact_vocabulary
-from inference.engine.sampling import BannedSequences
+from inference.engine.sampling import BannedSequences, squashed
 from inference.fact_guard import written_forms
 
 URL = "/api/generate"
@@ -50,6 +50,16 @@ def test_a_banned_sequence_masks_its_last_token_after_the_others_and_a_bare_word
     assert not BannedSequences()
 
 
+def test_a_long_fact_is_banned_by_its_letters_however_it_is_split_or_cut_short():
+    stems = [squashed(term) for term in ("primegreen", "aeroready", "moisture-absorbing", "running")]
+    guard = BannedSequences(stems=stems)
+    for text in ("made with Primegreen", "made with Prime green", "PRIME-GREEN", "AEROREAD", "moisture-absorb",
+                 "Running", "runnin"):  # fmt: skip
+        assert guard.writes_stem(text), text
+    for text in ("made with Prime", "AERO", "Ultra Runner", "the heat.", "a runner", "moisture"):
+        assert not guard.writes_stem(text), text
+
+
 def _fact_of(version, text, attributes):
     """A word of ``text`` that the prompt of ``attributes`` does not state, one token after a space
     (the tiny model writes most of its words in other splits of tokens than the tokenizer's, which
@@ -65,28 +75,26 @@ def _fact_of(version, text, attributes):
     return None
 
 
-def test_a_fact_the_product_does_not_state_stays_out_of_the_text_unless_the_client_turns_the_guard_off(
-    base_version, post
-):
+def test_with_the_guard_on_a_fact_the_product_does_not_state_stays_out_of_the_text(base_version, post):
     for seed in range(1, 30):  # a sampled text with a word to make a fact of
         body = {"product": PRODUCT, "max_new_tokens": 40, "temperature": 1.0, "seed": seed}
-        free = post({**body, "fact_guard": False})
+        free = post(body)  # off by default (GENERATE_FACT_GUARD)
         fact = _fact_of(base_version, free, PRODUCT)
         if fact:
             break
     assert fact, "no sampled text of the tiny model has a word to make a fact of"
     assert not unsupported(free, PRODUCT, fact_vocabulary())
-    assert post(body) == free  # nothing in it to keep out: the guard changes nothing
+    assert post({**body, "fact_guard": True}) == free  # nothing in it to keep out: the guard changes nothing
 
     FactTerm.objects.create(term=fact, kind="material")  # a curator's new term counts at once
-    guarded = post(body)  # on by default (GENERATE_FACT_GUARD)
+    guarded = post({**body, "fact_guard": True})
     assert fact not in words(guarded) and guarded != free
     assert unsupported(guarded, PRODUCT, fact_vocabulary()) == []
-    assert post({**body, "fact_guard": False}) == free  # off: the model's text as it is
+    assert post(body) == post({**body, "fact_guard": False}) == free  # off: the model's text as it is
 
     # A fact the product states is the product's to write: the guard keeps nothing out.
     stating = {**PRODUCT, "features": [fact]}
-    assert post({**body, "product": stating}) == post({**body, "product": stating, "fact_guard": False})
+    assert post({**body, "product": stating, "fact_guard": True}) == post({**body, "product": stating})
 
 
 def test_an_evaluation_stored_before_the_guard_was_generated_without_it(settings):
