@@ -66,21 +66,24 @@ def generate(loaded, prompts, guard_terms, max_new_tokens):
     from inference.fact_guard import guard_for
 
     params = GenerationParams(max_new_tokens=max_new_tokens, fact_guard=False)
-    pending = []
-    for prompt in prompts:
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        banned = guard_for(loaded.tokenizer, prompt, guard_terms) if guard_terms else None
-        pending.append(
-            loaded.engine.submit(
-                prompt_ids=ids,
-                sampling=params,
-                max_new_tokens=max_new_tokens,
-                adapter=loaded.adapter,
-                timeout=3600,
-                banned=banned,
+    texts = []
+    for start in range(0, len(prompts), 8):  # batches of 8: the engine's queue is bounded
+        pending = []
+        for prompt in prompts[start : start + 8]:
+            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            banned = guard_for(loaded.tokenizer, prompt, guard_terms) if guard_terms else None
+            pending.append(
+                loaded.engine.submit(
+                    prompt_ids=ids,
+                    sampling=params,
+                    max_new_tokens=max_new_tokens,
+                    adapter=loaded.adapter,
+                    timeout=3600,
+                    banned=banned,
+                )
             )
-        )
-    return [next(event[2].text for event in generation if event[0] == "done") for generation in pending]
+        texts += [next(event[2].text for event in generation if event[0] == "done") for generation in pending]
+    return texts
 
 
 def main():

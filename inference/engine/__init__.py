@@ -23,7 +23,7 @@ The modules, one concern each:
 - ``speculative``: on an int8 engine, tokens drafted on int8 weights and
   checked by one pass over the exact weights, so the text is theirs.
 - ``sampling``: token choice (greedy, temperature, top-k, top-p, repetition
-  penalty).
+  penalty), and what a generation may not write (the fact guard's bans).
 - ``weights``: DecoderWeights, the fused projections: the exact weights (as
   GGUF blocks where that is lossless, else fp32) and int8 drafting copies.
 - ``blocks``: finding the GGUF blocks (Q4_1, Q8_0) the fp32 weights came
