@@ -18,6 +18,7 @@ term that none of its product's attribute values mention.
 """
 
 import json
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +57,25 @@ def mentioned(text, terms):
     """The terms of ``terms`` that ``text`` mentions, in the order given."""
     folded = _folded(text)
     return [term for term in terms if (needle := _folded(term)) and _contains(folded, needle)]
+
+
+_WORD_SPAN = re.compile(r"[a-z0-9]+(?:['\u2019][a-z]+)?", re.IGNORECASE)
+
+
+def mention_spans(text, terms):
+    """[(start, end)] character spans of ``text`` where a term of ``terms`` is mentioned, with the
+    matching of ``mentioned`` (folded words, in order, next to each other), in text order."""
+    found = [(match.start(), match.end(), fold(match.group().lower().replace("\u2019", "'")))
+             for match in _WORD_SPAN.finditer(text)]  # fmt: skip
+    folded = [word for _, _, word in found]
+    spans = set()
+    for term in terms:
+        needle = _folded(term)
+        width = len(needle)
+        for i in range(len(folded) - width + 1) if needle else ():
+            if folded[i : i + width] == needle:
+                spans.add((found[i][0], found[i + width - 1][1]))
+    return sorted(spans)
 
 
 def attribute_text(attributes):

@@ -138,7 +138,7 @@ class FineTuneForm(forms.Form):
                 "description": "Used when the method is lora.",
             },
         ),
-        ("Data", {"fields": ("max_seq_length", "name_product", "facts_from_description")}),
+        ("Data", {"fields": ("max_seq_length", "name_product", "facts_from_description", "invented_facts")}),
     )
 
     _defaults = Hyperparameters()
@@ -201,6 +201,18 @@ class FineTuneForm(forms.Form):
         help_text="Add the fact terms (materials, technologies, sports, fits) that each training description "
         "states and its attributes do not to the example's features, so that the model learns to take facts "
         "from the prompt instead of inventing them.",
+    )
+    invented_facts = forms.ChoiceField(
+        choices=[
+            ("learn", "learn: like every other word"),
+            ("skip", "skip: no loss on them"),
+            ("avoid", "avoid: trained to be unlikely"),
+        ],
+        initial=_defaults.invented_facts,
+        label="Invented facts",
+        help_text="What training does with a fact (material, technology, sport, fit) that a description states "
+        "and its attributes do not. learn: the copy as written, facts and all. skip: the model learns the sentence "
+        "around the fact but not the fact. avoid: the fact is trained to be unlikely where the copy states it.",
     )
     # The number of examples the curator agreed to train on when too many would be skipped:
     # a confirmation holds only for the numbers it was given.

@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from finetuning.hyperparameters import BOUNDS, LORA_TARGETS, METHODS, Hyperparameters
+from finetuning.hyperparameters import BOUNDS, INVENTED_FACTS, LORA_TARGETS, METHODS, Hyperparameters
 from finetuning.models import FineTuningJob
 from inference.fields import (
     StrictBooleanField,
@@ -41,6 +41,12 @@ class HyperparametersSerializer(StrictSerializer):
     facts_from_description = StrictBooleanField(
         required=False,
         help_text="Default false: add the fact terms each training description states to its example's features.",
+    )
+    invented_facts = serializers.ChoiceField(
+        choices=INVENTED_FACTS,
+        required=False,
+        help_text=f"Default {Hyperparameters.invented_facts}: what training does with a fact a description states "
+        "and its attributes do not (learn it, skip it: no loss, avoid it: trained to be unlikely).",
     )
 
     def get_fields(self):

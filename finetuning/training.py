@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# A label at or below UNLIKELY marks a token that training makes unlikely at that position
+# (unlikelihood, Welleck et al. 2019): the token id is UNLIKELY - label.
+UNLIKELY = -(1 << 20)
 
 
 class TrainingCancelled(Exception):
@@ -101,33 +104,55 @@ class Encoded:
         )
 
 
-def fit(prompt_ids, completion_ids, max_length):
+def fit(prompt_ids, completion_ids, max_length, completion_labels=None):
     """(input_ids, labels) of one example cut to ``max_length``, prompt tokens masked;
     None when not one completion token fits."""
     input_ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + (completion_labels or completion_ids))[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return input_ids, labels
 
 
-def encode(tokenizer, pairs, max_length):
+def completion_labels(ids, offsets, spans, invented_facts):
+    """The labels of a completion's tokens ``ids`` (character ``offsets``) whose ``spans`` state
+    an invented fact: "skip" masks every token that overlaps a span; "avoid" marks the first of
+    them unlikely and masks the rest."""
+    labels = list(ids)
+    for start, end in spans:
+        inside = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        for n, i in enumerate(inside):
+            labels[i] = UNLIKELY - ids[i] if invented_facts == "avoid" and n == 0 else IGNORE_INDEX
+    return labels
+
+
+def encode(tokenizer, pairs, max_length, invented_facts="learn"):
     """(prompt, completion) pairs -> Encoded; examples whose completion does not fit
-    at all are dropped (``skipped``), those cut short are counted (``truncated``)."""
+    at all are dropped (``skipped``), those cut short are counted (``truncated``). A pair may
+    carry a third item, the character spans of its completion that state an invented fact,
+    which ``invented_facts`` ("skip" or "avoid", the recipe setting) labels."""
     pairs = list(pairs)
     if not pairs:
         return Encoded(items=[], prompt_lengths=[], completion_lengths=[], max_length=max_length)
     # One call per side: a fast tokenizer encodes a list in parallel, with the same ids as one by one.
-    prompts = tokenizer([prompt for prompt, _ in pairs], add_special_tokens=False)["input_ids"]
-    completions = tokenizer([completion for _, completion in pairs], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([pair[0] for pair in pairs], add_special_tokens=False)["input_ids"]
+    spans = [pair[2] if len(pair) > 2 else [] for pair in pairs]
+    marked = invented_facts != "learn" and any(spans)
+    tokenized = tokenizer([pair[1] for pair in pairs], add_special_tokens=False, return_offsets_mapping=marked)
+    completions = tokenized["input_ids"]
+    labels = (
+        [completion_labels(ids, offsets, s, invented_facts)
+         for ids, offsets, s in zip(completions, tokenized["offset_mapping"], spans, strict=True)]
+        if marked else [None] * len(pairs)
+    )  # fmt: skip
     encoded = Encoded(
         items=[],
         prompt_lengths=[len(ids) for ids in prompts],
         completion_lengths=[len(ids) for ids in completions],
         max_length=max_length,
     )
-    for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
-        item = fit(prompt_ids, completion_ids, max_length)
+    for prompt_ids, completion_ids, completion_labels_ in zip(prompts, completions, labels, strict=True):
+        item = fit(prompt_ids, completion_ids, max_length, completion_labels_)
         if item is None:
             encoded.skipped += 1
             continue
@@ -217,7 +242,17 @@ def summed_target_loss(model, input_ids, attention, labels, device, prefix_lengt
     targets = labels[:, prefix_length + 1 :]
     keep = targets != IGNORE_INDEX
     logits = head(hidden[:, :-1][keep]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+    targets = targets[keep]
+    unlikely = targets <= UNLIKELY
+    if not unlikely.any():
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    likely = ~unlikely
+    loss = torch.nn.functional.cross_entropy(logits[likely], targets[likely], reduction="sum")
+    # -log(1 - p(token)): log-sum-exp over every token less the same over every token but it.
+    avoided = logits[unlikely]
+    token = (UNLIKELY - targets[unlikely]).unsqueeze(1)
+    others = avoided.scatter(1, token, float("-inf"))
+    return loss + (avoided.logsumexp(1) - others.logsumexp(1)).sum()
 
 
 def _evaluate(model, encoded, batch_size, pad_id, device, autocast):
@@ -358,7 +393,7 @@ def train(*, base_dir, train_pairs, validation_pairs, hp, output_dir, on_step=No
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = _load_model(base_dir, hp, device)
 
-    train_encoded = encode(tokenizer, train_pairs, hp.max_seq_length)
+    train_encoded = encode(tokenizer, train_pairs, hp.max_seq_length, hp.invented_facts)
     validation_encoded = encode(tokenizer, validation_pairs, hp.max_seq_length)
     train_set, validation_set = train_encoded.items, validation_encoded.items
     if not train_set:

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from finetuning import store
-from finetuning.facts import features_with_facts
+from finetuning.facts import features_with_facts, mention_spans, unsupported
 from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_description, training_pair
@@ -143,9 +143,14 @@ def job_retrain(*, version, requested_by=None):
         raise JobError(f"version {version.name} was trained on {version.base_model}, not {settings.BASE_MODEL_NAME}")
     return job_start(
         dataset=version.job.dataset,
-        # A recipe from before name_product or facts_from_description existed trained on the
-        # descriptions and attributes as written.
-        hyperparameters={"name_product": False, "facts_from_description": False, **version.hyperparameters},
+        # A recipe from before name_product, facts_from_description or invented_facts existed
+        # trained on the descriptions and attributes as written.
+        hyperparameters={
+            "name_product": False,
+            "facts_from_description": False,
+            "invented_facts": "learn",
+            **version.hyperparameters,
+        },
         requested_by=requested_by,
         snapshot=version.snapshot,
     )
@@ -260,12 +265,17 @@ def training_pairs(*, train_rows, validation_rows, hp):
             return row["attributes"]  # no fact to add: the prompt as a client would write it
         return {**row["attributes"], "features": features}
 
-    train = [
-        training_pair(
-            attributes(r), training_description(r["attributes"], r["description"], name_product=hp.name_product)
-        )
-        for r in train_rows
-    ]
+    def pair(row):
+        prompt_attributes = attributes(row)
+        description = training_description(row["attributes"], row["description"], name_product=hp.name_product)
+        prompt, completion = training_pair(prompt_attributes, description)
+        if hp.invented_facts == "learn":
+            return prompt, completion
+        invented = unsupported(description, prompt_attributes, vocabulary)
+        return prompt, completion, mention_spans(description, invented)
+
+    vocabulary = fact_vocabulary() if hp.invented_facts != "learn" else None
+    train = [pair(r) for r in train_rows]
     return train, [training_pair(r["attributes"], r["description"]) for r in validation_rows]
 
 

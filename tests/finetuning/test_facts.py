@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
-from finetuning.facts import KINDS, features_with_facts, mentioned, shipped_terms, unsupported, words
+from finetuning.facts import KINDS, features_with_facts, mention_spans, mentioned, shipped_terms, unsupported, words
 from finetuning.metrics import text_metrics
 from finetuning.models import FactTerm
 from finetuning.selectors import fact_vocabulary
@@ -30,6 +30,17 @@ def test_mentions_ignore_case_plural_and_possessive_but_keep_a_phrase_together()
     assert mentioned("polyester, recycled", TERMS) == []
     # A word is not a part of a longer one.
     assert mentioned("leatherette", TERMS) == []
+
+
+def test_mention_spans_are_where_the_matching_finds_each_mention_as_written():
+    text = "Leathers, a Snug Fit and PRIMEGREEN\u2019s story; no leatherette, a fit that is snug."
+    spans = mention_spans(text, TERMS)
+    assert [text[start:end] for start, end in spans] == ["Leathers", "Snug Fit", "PRIMEGREEN\u2019s"]
+    assert mention_spans(text, ["mesh"]) == [] and mention_spans(text, []) == []
+    # Every mention that ``mentioned`` counts has a span, and a span holds nothing else.
+    for term in TERMS:
+        assert bool(mention_spans(text, [term])) == (term in mentioned(text, TERMS))
+        assert all(mentioned(text[start:end], [term]) for start, end in mention_spans(text, [term]))
 
 
 def test_a_negated_mention_is_still_a_claim():

@@ -64,7 +64,7 @@ def test_a_job_trains_on_named_descriptions_and_validates_on_the_written_ones(
     real = training.train
     monkeypatch.setattr(training, "train", spy)
     assert job_execute(job_id=job_start(dataset=dataset, hyperparameters=FAST).pk) is not None
-    completions = [completion for _, completion in seen["train_pairs"]]
+    completions = [pair[1] for pair in seen["train_pairs"]]  # (prompt, completion, invented facts' spans)
     assert len(completions) == 10 and all(c.startswith("Widget ") for c in completions)
     assert all(completion.startswith("A handy tool") for _, completion in seen["validation_pairs"])
 
@@ -213,11 +213,14 @@ def test_retraining_a_version_repeats_its_snapshot_and_hyperparameters(base_vers
     assert abs(second.metrics["final_train_loss"] - first.metrics["final_train_loss"]) < 1e-4
     # A version from before name_product existed trained on the descriptions as written.
     first.hyperparameters = {
-        k: v for k, v in first.hyperparameters.items() if k not in ("name_product", "facts_from_description")
+        k: v
+        for k, v in first.hyperparameters.items()
+        if k not in ("name_product", "facts_from_description", "invented_facts")
     }
     first.save(update_fields=["hyperparameters"])
     retrained = job_retrain(version=first).hyperparameters
     assert retrained["name_product"] is False and retrained["facts_from_description"] is False
+    assert retrained["invented_facts"] == "learn"
 
 
 @pytest.mark.django_db
@@ -241,6 +244,33 @@ def test_fact_extraction_is_off_by_default_and_on_puts_the_descriptions_facts_in
     assert "leather" not in validation[0][0]
     off, _ = training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse({}))
     assert "leather" not in off[0][0]
+
+
+@pytest.mark.django_db
+def test_invented_facts_are_avoided_by_default_and_marked_where_the_description_states_them():
+    from finetuning.services.jobs import training_pairs
+
+    assert hyperparameters_parse({}).invented_facts == "avoid"
+    with pytest.raises(HyperparameterError) as info:
+        hyperparameters_parse({"invented_facts": "forget"})
+    assert info.value.errors == {"invented_facts": "must be one of learn, skip, avoid"}
+    shoe = {"name": "Ultra Runner", "features": ["leather upper"]}
+    rows = [{"attributes": shoe, "description": "A leather upper on a Boost midsole, for running."}]
+    learn, _ = training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse({"invented_facts": "learn"}))
+    assert len(learn[0]) == 2  # prompt and completion, nothing marked
+    for setting in ("skip", "avoid"):
+        (pair,), validation = training_pairs(
+            train_rows=rows, validation_rows=rows, hp=hyperparameters_parse({"invented_facts": setting})
+        )
+        prompt, completion, spans = pair
+        assert (prompt, completion) == learn[0]
+        # Leather is in the features: a fact the prompt gives is learnt as written.
+        assert [completion[start:end] for start, end in spans] == ["Boost", "running"]
+        assert len(validation[0]) == 2  # validation scores the copy as written
+    # Facts moved into the prompt are not invented any more.
+    both = hyperparameters_parse({"invented_facts": "avoid", "facts_from_description": True})
+    (pair,), _ = training_pairs(train_rows=rows, validation_rows=[], hp=both)
+    assert pair[2] == []
 
 
 def test_progress_loss_history_eta_and_environment_are_recorded(base_version, dataset_factory, settings):

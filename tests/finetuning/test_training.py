@@ -9,6 +9,7 @@ from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.prompts import training_pair
 from finetuning.training import (
     IGNORE_INDEX,
+    UNLIKELY,
     collate,
     encode,
     length_grouped_batches,
@@ -94,6 +95,71 @@ def test_encode_cuts_long_descriptions_and_skips_examples_whose_prompt_fills_the
     whole = encode(tokenizer, pairs, 4096)
     assert whole.skipped == whole.truncated == 0 and len(whole.items) == len(pairs)
     assert encode(tokenizer, [], 64).items == []
+
+
+def _marked(tokenizer, setting):
+    """A pair whose completion states "leather" (an invented fact), encoded with ``setting``."""
+    prompt, completion = training_pair({"name": "Court Shoe"}, "A court shoe with a leather upper.")
+    start = completion.index("leather")
+    (item,) = encode(tokenizer, [(prompt, completion, [(start, start + 7)])], 256, setting).items
+    return item, tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_invented_facts_skip_masks_the_facts_tokens_and_avoid_marks_the_first_unlikely(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    (ids, learn), prompt_ids = _marked(tokenizer, "learn")
+    assert learn == [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    # The tokens that spell "leather": the shortest run of completion tokens whose text holds it.
+    completion = range(len(prompt_ids), len(ids))
+    last = next(i for i in completion if "leather" in tokenizer.decode(ids[len(prompt_ids) : i + 1]))
+    first = max(i for i in completion if i <= last and "leather" in tokenizer.decode(ids[i : last + 1]))
+    fact = list(range(first, last + 1))
+    for setting in ("skip", "avoid"):
+        (same_ids, labels), _ = _marked(tokenizer, setting)
+        assert same_ids == ids
+        changed = [i for i, (a, b) in enumerate(zip(learn, labels, strict=True)) if a != b]
+        assert changed == fact  # the fact's tokens, nothing else
+        if setting == "skip":
+            assert all(labels[i] == IGNORE_INDEX for i in fact)
+        else:
+            assert labels[fact[0]] == UNLIKELY - ids[fact[0]]
+            assert all(labels[i] == IGNORE_INDEX for i in fact[1:])
+
+
+def test_an_avoided_token_costs_minus_log_one_minus_its_probability_and_a_step_makes_it_less_likely(
+    tiny_checkpoint,
+):
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetuning.training import _load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    model = _load_model(tiny_checkpoint, hyperparameters_parse({"lora_dropout": 0}), "cpu")
+    (ids, labels), _ = _marked(tokenizer, "avoid")
+    position = next(i for i, label in enumerate(labels) if label <= UNLIKELY)
+    input_ids, attention, batch_labels = collate([(ids, labels)], tokenizer.pad_token_id)
+
+    def fact_probability():
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits[0, position - 1].softmax(-1)[ids[position]].item()
+
+    likely = torch.tensor([[label if label > UNLIKELY else IGNORE_INDEX for label in labels]])
+    expected = (
+        _plain_loss(model, input_ids, attention, likely).item()
+        - torch.log1p(-torch.tensor(fact_probability(), dtype=torch.float64)).item()
+    )
+    loss = summed_target_loss(model, input_ids, attention, batch_labels, "cpu")
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    before = fact_probability()
+    loss.backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.05 * parameter.grad
+    assert fact_probability() < before
 
 
 def test_training_records_skipped_and_truncated_examples(tiny_checkpoint, tmp_path):
