@@ -36,6 +36,8 @@ from train_bench import ADIDAS_CSV, ADIDAS_MAPPING  # noqa: E402  (the file and 
 SCRATCH = ROOT / "var" / "report"
 DEFAULT_SEED = 42  # the recipe's own seed (finetuning/hyperparameters.py); the other two are overrides
 SEEDS = (DEFAULT_SEED, 7, 1234)
+# The default recipe before invented_facts, as this script measured it (issue 20, item 5).
+BEFORE = ROOT / "docs" / "report" / "before.json"
 EXAMPLES_SHOWN = 4
 
 
@@ -309,9 +311,48 @@ def guard_summary(results):
     return summary
 
 
-def guard_targets(summary):
-    """Issue 20's item 5 on the fine-tuned versions, the guard on against off: on the means, and
-    in how many seeds each held on its own."""
+def recipe_summary(results, before):
+    """Per metric of GUARD_METRICS: the default recipe before ``invented_facts`` (``before``,
+    docs/report/before.json: its seeds' values) and today's default (this run's versions), both
+    with the fact guard off, in the shape of guard_summary's rows ("before" and "now")."""
+    from finetuning.metrics import METRICS
+
+    summary = {}
+    for key in GUARD_METRICS:
+        row = {"label": METRICS[key].label, "better": METRICS[key].better, "percent": METRICS[key].percent}
+        then = before["metrics"][key]["runs"]
+        now = [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]
+        for side, runs in (("before", then), ("now", now)):
+            row[side] = {
+                "runs": runs,
+                "mean": statistics.fmean(runs),
+                "sd": statistics.stdev(runs) if len(runs) > 1 else 0.0,
+            }
+        summary[key] = row
+    return summary
+
+
+def recipe_table(summary, before, seeds):
+    from finetuning.metrics import METRICS
+
+    lines = [
+        f"| metric | before: `invented_facts` learn ({before['generated'][:10]}, seeds "
+        f"{', '.join(map(str, before['seeds']))}) | now: today's default (seeds {', '.join(map(str, seeds))}) | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, row in summary.items():
+        better = f" ({METRICS[key].better} is better)" if METRICS[key].better else ""
+        lines.append(
+            f"| {row['label']}{better} | {_spread(key, row['before'])} | {_spread(key, row['now'])} "
+            f"| {_change(key, row['before']['mean'], row['now']['mean'])} |"
+        )
+    return "\n".join(lines)
+
+
+def guard_targets(summary, old="off", new="on"):
+    """Issue 20's item 5 on the fine-tuned versions, ``new`` against ``old`` (the fact guard on
+    against off, or today's default recipe against the one before it): on the means, and in how
+    many seeds each held on its own (the n-th seed of one side against the n-th of the other)."""
 
     def rows(off, on):
         return [
@@ -328,10 +369,10 @@ def guard_targets(summary):
              f"{100 * off['repeated_4gram_share']:.1f}% -> {100 * on['repeated_4gram_share']:.1f}%"),
         ]  # fmt: skip
 
-    seeds = len(next(iter(summary.values()))["on"]["runs"])
-    means = [rows({k: r["off"]["mean"] for k, r in summary.items()}, {k: r["on"]["mean"] for k, r in summary.items()})]
+    seeds = min(len(next(iter(summary.values()))[side]["runs"]) for side in (old, new))
+    means = [rows({k: r[old]["mean"] for k, r in summary.items()}, {k: r[new]["mean"] for k, r in summary.items()})]
     per_seed = [
-        rows({k: r["off"]["runs"][i] for k, r in summary.items()}, {k: r["on"]["runs"][i] for k, r in summary.items()})
+        rows({k: r[old]["runs"][i] for k, r in summary.items()}, {k: r[new]["runs"][i] for k, r in summary.items()})
         for i in range(seeds)
     ]
     return [
@@ -610,9 +651,10 @@ def serving_values(measured):
     }
 
 
-def render(results, folder):
+def render(results, folder, before=None):
     """The report's text, and the summary (docs/report/results.json) that the slides are made
-    from; the figures are written into ``folder`` on the way."""
+    from; the figures are written into ``folder`` on the way. ``before``: the default recipe
+    before ``invented_facts`` (default docs/report/before.json), which today's is compared with."""
     import torch
     import transformers
     from django.conf import settings
@@ -627,6 +669,9 @@ def render(results, folder):
     target_rows = targets(summary)
     guarding = guard_summary(results)
     guard_rows = guard_targets(guarding)
+    before = before or json.loads(BEFORE.read_text())
+    recipe = recipe_summary(results, before)
+    recipe_rows = guard_targets(recipe, "before", "now")
     measured = costs.check_measured(json.loads((ROOT / "docs" / "measured_serving.json").read_text()))
     figures = draw_figures(results, summary, measured, folder)
     scored = first(results)
@@ -660,6 +705,14 @@ def render(results, folder):
         "**Not every target is met**: see the table.",
         "gate_decision": gate.get("reason", "–"),
         "gate_activated": "passes" if gate.get("passed") else "does not pass",
+        "recipe_table": recipe_table(recipe, before, seeds),
+        "recipe_targets_table": targets_table(recipe_rows),
+        "recipe_verdict": "Every line of it is met by the mean." if all(r["met"] for r in recipe_rows) else
+        "**Not every line of it is met**: see the table.",
+        "recipe_same_examples": "the same" if before["evaluation_source"] == scored["source"] else
+        f"**not** the same ({before['evaluation_source']})",
+        **{f"before_{key}": _spread(key, row["before"]) for key, row in recipe.items()},
+        **{f"now_{key}": _spread(key, row["now"]) for key, row in recipe.items()},
         "guard_table": guard_table(guarding, seeds),
         "guard_targets_table": targets_table(guard_rows),
         "guard_verdict": "Every line of it is met by the mean." if all(r["met"] for r in guard_rows) else
@@ -688,6 +741,9 @@ def render(results, folder):
         "training": training,
         "metrics": summary,
         "targets": target_rows,
+        "recipe_before": {"generated": before["generated"], "hyperparameters": before["hyperparameters"]},
+        "recipe_change": recipe,
+        "recipe_change_targets": recipe_rows,
         "fact_guard": guarding,
         "fact_guard_targets": guard_rows,
         "examples": shown,

@@ -133,22 +133,20 @@ def values(facts, out):
 
 
 def guard_values(facts):
-    """The fact guard's slide: each metric of the fine-tuned versions with the guard off and on."""
-    guard = facts["fact_guard"]
+    """The invented-facts slide: each metric of the default recipe before and now, and an
+    example of the fact guard's text."""
+    recipe = facts["recipe_change"]
 
-    def side(key, which):
-        row = guard[key]
-        return _spread({**row[which], "percent": row["percent"]})
+    def then_now(key, which):
+        return _spread({**recipe[key][which], "percent": recipe[key]["percent"]})
 
-    missed = [target["name"] for target in facts["fact_guard_targets"] if not target["met"]]
+    missed = [target["name"] for target in facts["recipe_change_targets"] if not target["met"]]
     return {
-        "guard_rows": "\n".join(
-            f"| {guard[key]['label']} | {side(key, 'off')} | {side(key, 'on')} |"
+        "recipe_rows": "\n".join(
+            f"| {recipe[key]['label']} | {then_now(key, 'before')} | {then_now(key, 'now')} |"
             for key in ("unsupported_claim_share", "rouge_l", "chrf", "attribute_coverage", "repeated_4gram_share")
         ),
-        "guard_summary": "every line of issue 20's item 5 met by the mean"
-        if not missed
-        else "missed by the mean: " + "; ".join(missed),
+        "recipe_summary": "every line met by the mean" if not missed else "missed by the mean: " + "; ".join(missed),
         "example_tuned_guarded": _cut(facts["examples"][0]["tuned_guarded"]),
     }
 
