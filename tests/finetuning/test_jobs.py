@@ -256,7 +256,9 @@ def test_invented_facts_are_avoided_by_default_and_marked_where_the_description_
     assert info.value.errors == {"invented_facts": "must be one of learn, skip, avoid"}
     shoe = {"name": "Ultra Runner", "features": ["leather upper"]}
     rows = [{"attributes": shoe, "description": "A leather upper on a Boost midsole, for running."}]
-    learn, _ = training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse({"invented_facts": "learn"}))
+    learn, _ = training_pairs(
+        train_rows=rows, validation_rows=[], hp=hyperparameters_parse({"invented_facts": "learn"})
+    )
     assert len(learn[0]) == 2  # prompt and completion, nothing marked
     for setting in ("skip", "avoid"):
         (pair,), validation = training_pairs(
