@@ -32,16 +32,18 @@ def log(message):
     print(f"[facts-bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def setup(examples):
-    if SCRATCH.exists():
-        shutil.rmtree(SCRATCH)
-    SCRATCH.mkdir(parents=True)
+def setup(examples, scratch=SCRATCH):
+    """A fresh ``scratch``: its own SQLite database and model store, Celery tasks in this process,
+    evaluations of ``examples`` validation examples without the fact guard."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
     os.environ.update(
         {
             "DJANGO_SETTINGS_MODULE": "genapi.settings.dev",
-            "GENAPI_VAR_DIR": str(SCRATCH),
-            "DATABASE_URL": f"sqlite:///{SCRATCH / 'bench.sqlite3'}",
-            "MODEL_STORE": str(SCRATCH / "models"),
+            "GENAPI_VAR_DIR": str(scratch),
+            "DATABASE_URL": f"sqlite:///{scratch / 'bench.sqlite3'}",
+            "MODEL_STORE": str(scratch / "models"),
             "CELERY_TASK_ALWAYS_EAGER": "true",
             "PROMOTION_AUTO_ACTIVATE": "false",
             "EVALUATION_MAX_EXAMPLES": str(examples),

@@ -19,8 +19,6 @@ About 40 minutes per recipe on 2 CPU cores, each alone.
 """
 
 import argparse
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from fact_guard_bench import halves  # noqa: E402  (the same split as the guard's check)
+from facts_bench import setup  # noqa: E402  (a scratch of its own, tasks in this process, no fact guard)
 from train_bench import ADIDAS_CSV, ADIDAS_MAPPING  # noqa: E402  (the file and its documented mapping)
 
 SCRATCH = ROOT / "var" / "invented-facts-bench"
@@ -36,29 +35,6 @@ RECIPES = ("learn", "skip", "avoid")
 
 def log(message):
     print(f"[invented-facts-bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def setup():
-    if SCRATCH.exists():
-        shutil.rmtree(SCRATCH)
-    SCRATCH.mkdir(parents=True)
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "genapi.settings.dev",
-            "GENAPI_VAR_DIR": str(SCRATCH),
-            "DATABASE_URL": f"sqlite:///{SCRATCH / 'bench.sqlite3'}",
-            "MODEL_STORE": str(SCRATCH / "models"),
-            "CELERY_TASK_ALWAYS_EAGER": "true",
-            "PROMOTION_AUTO_ACTIVATE": "false",
-            "EVALUATION_MAX_EXAMPLES": "100000",  # the whole validation split
-            "EVALUATION_FACT_GUARD": "false",  # the recipes' own text
-            "INFERENCE_NATIVE_DIR": os.environ.get("INFERENCE_NATIVE_DIR", str(ROOT / "var" / "native")),
-        }
-    )
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
 
 
 def main():
@@ -70,7 +46,7 @@ def main():
     unknown = [recipe for recipe in recipes if recipe not in RECIPES]
     if unknown:
         raise SystemExit(f"invented_facts_bench: --recipes: {unknown[0]} is not one of {', '.join(RECIPES)}")
-    setup()
+    setup(examples=100_000, scratch=SCRATCH)  # the whole validation split
 
     from django.core.management import call_command
 
