@@ -22,11 +22,12 @@ class Decoding:
     """Generation settings of an evaluation, kept with it: the same for every version it compares.
     Greedy; each version's text is generated with the GenerationParams they make (_generate). No
     defaults of their own: from_settings (EVALUATION_MAX_NEW_TOKENS, ...), or the stored evaluation's
-    (one stored before the fact guard existed was generated without it)."""
+    (one stored before the fact guard or the repeated n-gram rule existed was generated without it)."""
 
     max_new_tokens: int
     repetition_penalty: float
     fact_guard: bool
+    no_repeat_ngram_size: int = 0
 
     @classmethod
     def from_settings(cls):
@@ -34,6 +35,7 @@ class Decoding:
             max_new_tokens=settings.EVALUATION_MAX_NEW_TOKENS,
             repetition_penalty=settings.EVALUATION_REPETITION_PENALTY,
             fact_guard=settings.EVALUATION_FACT_GUARD,
+            no_repeat_ngram_size=settings.EVALUATION_NO_REPEAT_NGRAM_SIZE,
         )
 
     def as_dict(self):
@@ -42,6 +44,7 @@ class Decoding:
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
             "fact_guard": self.fact_guard,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
         }
 
     @classmethod
@@ -50,6 +53,7 @@ class Decoding:
             max_new_tokens=data["max_new_tokens"],
             repetition_penalty=data["repetition_penalty"],
             fact_guard=data.get("fact_guard", False),
+            no_repeat_ngram_size=data.get("no_repeat_ngram_size", 0),
         )
 
 
@@ -119,6 +123,7 @@ def _generate(loaded, prompts, decoding, advance):
         max_new_tokens=decoding.max_new_tokens,
         repetition_penalty=decoding.repetition_penalty,
         fact_guard=decoding.fact_guard,
+        no_repeat_ngram_size=decoding.no_repeat_ngram_size,
     )
     window = 2 * settings.INFERENCE_MAX_BATCH
     timeout = max(settings.GENERATE_TIMEOUT_SECONDS, 30.0 * decoding.max_new_tokens)

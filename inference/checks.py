@@ -27,6 +27,15 @@ def clients_settings_check(app_configs, **kwargs):
                 id="inference.E002",
             )
         )
+    for name in ("GENERATE_NO_REPEAT_NGRAM_SIZE", "EVALUATION_NO_REPEAT_NGRAM_SIZE"):
+        size = getattr(settings, name)
+        if size < 0:
+            problems.append(
+                Error(
+                    f"{name} ({size}) must be 0 (no repeated n-gram rule) or more",
+                    id="inference.E003",
+                )
+            )
     if settings.GENERATE_ALLOW_ANONYMOUS and not settings.DEBUG:
         problems.append(
             Warning(

@@ -200,6 +200,13 @@ class GenerateRequestSerializer(StrictSerializer):
         min_value=0, max_value=1000, default=param_default("top_k"), help_text="0 turns top-k filtering off."
     )
     repetition_penalty = StrictFloatField(min_value=1.0, max_value=2.0, default=param_default("repetition_penalty"))
+    no_repeat_ngram_size = StrictIntegerField(
+        min_value=0,
+        max_value=64,
+        default=param_default("no_repeat_ngram_size"),
+        help_text="No sequence of this many tokens twice in one text (the prompt's own may be written again), so "
+        "that the text does not loop on a phrase; 1 forbids any token twice; 0 turns the rule off.",
+    )
     seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=param_default("seed"))
     num_return_sequences = StrictIntegerField(
         min_value=1,

@@ -113,3 +113,24 @@ def test_the_default_length_never_exceeds_the_cap(tmp_path):
     )
     assert over.returncode != 0
     assert "GENERATE_DEFAULT_MAX_NEW_TOKENS (100) is larger than GENERATE_MAX_NEW_TOKENS (16)" in over.stderr
+
+
+def test_the_service_writes_no_repeated_4_token_run_by_default_and_refuses_a_negative_size(tmp_path):
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "from inference.engine.params import GenerationParams; from finetuning.scoring import Decoding; "
+        "print(s.GENERATE_NO_REPEAT_NGRAM_SIZE, GenerationParams().no_repeat_ngram_size, "
+        "Decoding.from_settings().no_repeat_ngram_size)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "GENAPI_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "genapi.settings.dev"}
+    served = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert served.stdout.split() == ["4", "4", "4"], served.stderr  # requests and evaluations alike
+    negative = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=REPO,
+        env={**env, "GENERATE_NO_REPEAT_NGRAM_SIZE": "-1"},
+        capture_output=True,
+        text=True,
+    )
+    assert negative.returncode != 0
+    assert "GENERATE_NO_REPEAT_NGRAM_SIZE (-1) must be 0 (no repeated n-gram rule) or more" in negative.stderr

@@ -45,6 +45,7 @@ DECODING_HELP = {
     "temperature": "{min} to {max}; 0 decodes greedily: the same text every time.",
     "top_p": "{min} to {max}: sample only from the likeliest tokens that add up to this share.",
     "repetition_penalty": "{min} to {max}; 1 is none.",
+    "no_repeat_ngram_size": "{min} to {max}: no run of this many tokens twice in the text; 0 is no such rule.",
     "seed": "Blank: a random one when sampling, shown with the output.",
 }
 

@@ -106,8 +106,9 @@ def _size_fields(version, examples, decoding):
     }
 
 
-def _size_check(*, version, examples, max_new_tokens, fact_guard=None):
-    """(validation examples to score, decoding) for the size asked, or EvaluationSizeError naming each bad field."""
+def _size_check(*, version, examples, max_new_tokens, fact_guard=None, decoding=None):
+    """(validation examples to score, decoding) for the size asked, or EvaluationSizeError naming each bad field.
+    ``decoding``: the settings to size (default: today's, Decoding.from_settings)."""
     available = evaluation_examples(version=version, limit=10**9)
     errors = {}
     if examples is not None and not 1 <= examples <= len(available):
@@ -116,7 +117,7 @@ def _size_check(*, version, examples, max_new_tokens, fact_guard=None):
         errors["max_new_tokens"] = f"must be between 1 and {settings.GENERATE_MAX_NEW_TOKENS} (GENERATE_MAX_NEW_TOKENS)"
     if errors:
         raise EvaluationSizeError(errors)
-    decoding = Decoding.from_settings()
+    decoding = decoding or Decoding.from_settings()
     if max_new_tokens is not None:
         decoding = dataclasses.replace(decoding, max_new_tokens=max_new_tokens)
     if fact_guard is not None:
@@ -182,7 +183,7 @@ def evaluation_resize(*, evaluation, examples, max_new_tokens):
         version=version,
         examples=examples,
         max_new_tokens=max_new_tokens,
-        fact_guard=Decoding.from_dict(evaluation.decoding).fact_guard,  # as it was started
+        decoding=Decoding.from_dict(evaluation.decoding),  # as it was started
     )
     fields = _size_fields(version, rows, decoding)
     grew = fields["time_limit_seconds"] > evaluation.time_limit_seconds

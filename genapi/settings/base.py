@@ -202,6 +202,10 @@ GENERATE_MAX_RETURN_SEQUENCES = env.int("GENERATE_MAX_RETURN_SEQUENCES", default
 # adidas data the model, kept from a claim, often writes an invented name in its place
 # (docs/REPORT.md, section 5, "Invented facts").
 GENERATE_FACT_GUARD = env.bool("GENERATE_FACT_GUARD", default=False)
+# The repeated n-gram rule: no sequence of this many tokens is written twice in one text (the
+# prompt not counted), so that greedy text does not loop on a phrase; 0 turns it off. A request's
+# `no_repeat_ngram_size` overrides it.
+GENERATE_NO_REPEAT_NGRAM_SIZE = env.int("GENERATE_NO_REPEAT_NGRAM_SIZE", default=4)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
 # The serving engine (inference/engine/). Sequences generated together in one batch,
 # per set of weights in a process; the queue of waiting ones (past it: 503 + Retry-After);
@@ -265,8 +269,10 @@ EVALUATION_MAX_EXAMPLES = env.int("EVALUATION_MAX_EXAMPLES", default=40)
 # Evaluations score the text clients get when they name no length, unless set apart.
 EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=GENERATE_DEFAULT_MAX_NEW_TOKENS)
 EVALUATION_REPETITION_PENALTY = env.float("EVALUATION_REPETITION_PENALTY", default=1.0)
-# Evaluations score text as it is served: with the fact guard when serving has it on.
+# Evaluations score text as it is served: with the fact guard when serving has it on, and with
+# serving's repeated n-gram rule.
 EVALUATION_FACT_GUARD = env.bool("EVALUATION_FACT_GUARD", default=GENERATE_FACT_GUARD)
+EVALUATION_NO_REPEAT_NGRAM_SIZE = env.int("EVALUATION_NO_REPEAT_NGRAM_SIZE", default=GENERATE_NO_REPEAT_NGRAM_SIZE)
 # The promotion gate: a new version becomes active by itself only when this is on, it beats
 # the active version on the primary metric by the margin (in the metric's units: ROUGE-L
 # points), and none of the guard metrics is worse than the active version's.

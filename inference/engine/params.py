@@ -4,7 +4,8 @@ evaluations to the engine, whose sampler (inference/engine/sampling.py) reads it
 
 No Django and no torch at import: the engine imports this module. The default length is the
 GENERATE_DEFAULT_MAX_NEW_TOKENS setting, which the code takes from here and nowhere else
-(max_new_tokens_default; the fact guard's, GENERATE_FACT_GUARD, likewise; inference/checks.py only checks it against the cap), when a
+(max_new_tokens_default; the fact guard's, GENERATE_FACT_GUARD, and the repeated n-gram rule's,
+GENERATE_NO_REPEAT_NGRAM_SIZE, likewise; inference/checks.py only checks it against the cap), when a
 GenerationParams is made without one; the request serializers' defaults, and so the OpenAPI
 schema's, are the type's (param_default)."""
 
@@ -25,6 +26,13 @@ def fact_guard_default():
     return settings.GENERATE_FACT_GUARD
 
 
+def no_repeat_default():
+    """The repeated n-gram rule when nobody says: the GENERATE_NO_REPEAT_NGRAM_SIZE setting."""
+    from django.conf import settings
+
+    return settings.GENERATE_NO_REPEAT_NGRAM_SIZE
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     # The names are those of a generation log record's parameters (dataclasses.asdict): renaming one changes the log.
@@ -33,6 +41,8 @@ class GenerationParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filtering
     repetition_penalty: float = 1.0  # 1: none
+    # No token n-gram written twice in one text (the prompt not counted); 0: no such rule.
+    no_repeat_ngram_size: int = field(default_factory=no_repeat_default)
     seed: int | None = None  # sampled without one: the engine draws one
     num_return_sequences: int = 1
     stop: tuple = ()  # stop sequences: the text ends before the first one
@@ -48,6 +58,7 @@ class GenerationParams:
             ("top_p", 0 < self.top_p <= 1, "above 0 and at most 1"),
             ("top_k", self.top_k >= 0, "0 (off) or more"),
             ("repetition_penalty", self.repetition_penalty > 0, "above 0"),
+            ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "0 (off) or more"),
             ("num_return_sequences", self.num_return_sequences >= 1, "at least 1"),
         ]
         for name, ok, wanted in problems:

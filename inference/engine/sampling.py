@@ -1,6 +1,6 @@
 """Token choice from a row of logits, per the GenerationParams the request came with
-(inference/engine/params.py, as the serializers made it): banned token sequences, repetition
-penalty, then greedy, or temperature with top-k and top-p and one draw from the sequence's own
+(inference/engine/params.py, as the serializers made it): banned token sequences, repeated
+n-grams, repetition penalty, then greedy, or temperature with top-k and top-p and one draw from the sequence's own
 generator."""
 
 import re
@@ -98,6 +98,16 @@ class BannedSequences:
         return logits
 
 
+def repeating(history, n):
+    """The tokens that would complete a token n-gram that ``history`` (the tokens generated so far)
+    already holds: those that followed its last n - 1 tokens before. The prompt is not part of
+    it, so that the text can say the product's name and attributes as the prompt does."""
+    if n < 1 or len(history) < n - 1:
+        return set()
+    tail = history[len(history) - n + 1 :] if n > 1 else []
+    return {history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == tail}
+
+
 def choose(sequence, logits, history=None):
     """The next token from ``logits``, after ``history`` (default: the sequence's tokens)."""
     sampling = sequence.sampling  # the request's GenerationParams
@@ -105,6 +115,10 @@ def choose(sequence, logits, history=None):
     banned = sequence.generation.banned
     if banned:
         logits = banned.mask(logits, history)
+    if sampling.no_repeat_ngram_size:
+        repeats = repeating(list(history), sampling.no_repeat_ngram_size)
+        if repeats:
+            logits = logits.index_fill(0, torch.tensor(sorted(repeats)), float("-inf"))
     if sampling.repetition_penalty != 1.0:
         seen = torch.tensor(sequence.generation.prompt_ids + history)
         score = logits.gather(0, seen)

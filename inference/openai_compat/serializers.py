@@ -145,6 +145,14 @@ class OpenAIRequestSerializer(StrictSerializer):
     repetition_penalty = StrictFloatField(
         min_value=1.0, max_value=2.0, required=False, allow_null=True, help_text="genapi extension; 1 turns it off."
     )
+    no_repeat_ngram_size = StrictIntegerField(
+        min_value=0,
+        max_value=64,
+        required=False,
+        allow_null=True,
+        help_text=f"genapi extension: no sequence of this many tokens twice in one text; 0 turns it off (default "
+        f"{param_default('no_repeat_ngram_size')}; see POST /api/generate).",
+    )
     fact_guard = StrictBooleanField(
         required=False,
         allow_null=True,
@@ -174,6 +182,7 @@ class OpenAIRequestSerializer(StrictSerializer):
             "top_p": None if attrs.get("top_p") is None else max(MIN_TOP_P, attrs["top_p"]),
             "top_k": attrs.get("top_k") or None,
             "repetition_penalty": attrs.get("repetition_penalty"),
+            "no_repeat_ngram_size": attrs.get("no_repeat_ngram_size"),
             "seed": attrs.get("seed"),
             "num_return_sequences": attrs.get("n"),
             "stop": attrs.get("stop"),

@@ -25,7 +25,7 @@ from inference.services.generation import generation_begin, run_stream
 from inference.services.generation_log import generation_record, run_records
 
 # The decoding controls the page shows; the API's other parameters keep their defaults.
-DECODING_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "seed")
+DECODING_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed")
 REQUEST_FIELDS = ("product", *DECODING_FIELDS)
 # Validation examples offered in the page's list (a snapshot may hold thousands).
 EXAMPLES_SHOWN = 200

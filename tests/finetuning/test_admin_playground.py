@@ -60,7 +60,7 @@ def test_the_version_page_offers_the_panel_with_the_apis_defaults_and_limits(cur
     assert f'value="{settings.GENERATE_DEFAULT_MAX_NEW_TOKENS}"' in page
     for name in ("name", "category", "color", "brand", "audience", "price", "currency", "features", "keywords"):
         assert f'data-pg-attribute="{name}"' in page
-    for name in ("temperature", "top_p", "repetition_penalty", "seed"):
+    for name in ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
         assert f'data-pg-param="{name}"' in page
     # Inside the change form: no input of the panel is submitted with it.
     panel = page.split('id="playground"')[1].split("</script>")[0]

@@ -120,6 +120,9 @@ def test_unknown_product_attributes_reach_the_model(base_version, post):
         ({}, "product"),
         ({"prompt": ""}, "prompt"),
         ({"product": PRODUCT, "fact_guard": "sometimes"}, "fact_guard"),
+        ({"product": PRODUCT, "no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+        ({"product": PRODUCT, "no_repeat_ngram_size": 65}, "no_repeat_ngram_size"),
+        ({"product": PRODUCT, "no_repeat_ngram_size": "4"}, "no_repeat_ngram_size"),
         ({"prompt": "x" * 100_000}, "prompt"),
     ],
 )

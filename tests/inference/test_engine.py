@@ -669,6 +669,57 @@ def test_a_failure_mid_prefill_reaches_every_client_and_the_engine_goes_on(livel
     _assert_greedy(_submit(engine, lively, PROMPTS[1]), *expected(PROMPTS[1]), "after")
 
 
+def _first_repeat(ids, n):
+    """The index of the token of ``ids`` that first completes an n-gram ``ids`` held before; None without one."""
+    return next((i for i in range(n, len(ids)) if tuple(ids[i - n + 1 : i + 1]) in set(_ngrams(ids[:i], n))), None)
+
+
+def _ngrams(ids, n):
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
+
+
+def test_repeating_names_the_tokens_that_would_complete_an_earlier_ngram():
+    from inference.engine.sampling import repeating
+
+    assert repeating([5, 6, 7, 5, 6], 3) == {7}
+    assert repeating([5, 6, 7, 5, 6, 9, 5, 6], 3) == {7, 9}
+    assert repeating([5, 6, 7, 5, 6], 2) == {7}  # after 6: 7 once already
+    assert repeating([5, 6, 7, 5, 6], 4) == set()  # 7 5 6 never went on before
+    assert repeating([5, 5], 2) == {5} and repeating([5], 2) == set() and repeating([5, 6, 5], 0) == set()
+    assert repeating([5, 6, 5], 1) == {5, 6}  # 1: no token twice
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_no_repeat_ngram_size_never_repeats_and_the_text_before_the_first_repeat_is_untouched(
+    lively, make_engine, quantize
+):
+    """The repeated n-gram rule: no token n-gram twice in the generated text (the prompt not
+    counted); up to the token that first repeated one, the text is the free text; an int8
+    engine, alone or in a shared batch, gives the fp32 engine's text."""
+    full, quantized = make_engine(), make_engine(max_batch=4, quantize=quantize)
+    n, length = 3, N
+    # A penalty below 1 favours the tokens already written: the tiny model loops.
+    looping = GenerationParams(repetition_penalty=0.05)
+    [(free, free_ids)] = _tokens(_submit(full, lively, PROMPTS[0], sampling=looping, max_new_tokens=length)).values()
+    first = _first_repeat(free_ids, n)
+    assert first is not None, f"the free text repeats no 3-gram: nothing to check {free_ids}"
+    rule = GenerationParams(repetition_penalty=0.05, no_repeat_ngram_size=n)
+    [(ruled, ruled_ids)] = _tokens(_submit(full, lively, PROMPTS[0], sampling=rule, max_new_tokens=length)).values()
+    assert ruled_ids[:first] == free_ids[:first] and ruled_ids[first] != free_ids[first]
+    assert _first_repeat(ruled_ids, n) is None and len(ruled_ids) > first + n
+    # The prompt's own n-grams may be written again (the product's name, its attributes).
+    prompt_grams = set(_ngrams(lively.ids(PROMPTS[0]), n))
+    assert prompt_grams & set(_ngrams(free_ids[:first], n)) <= set(_ngrams(ruled_ids, n))
+    requests = [(PROMPTS[0], {"sampling": rule, "max_new_tokens": length}), (PROMPTS[1], {"max_new_tokens": length})]
+    together = _submit_together(quantized, lively, requests * 2)
+    answers = [_tokens(generation)[0] for generation in together]
+    assert answers[0][1] == answers[2][1] == ruled_ids and answers[0][0].text == ruled.text
+    free_second = _tokens(_submit(full, lively, PROMPTS[1], max_new_tokens=length))[0][1]
+    assert answers[1][1] == answers[3][1] == free_second  # its neighbour's rule is its own
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be 0 \\(off\\) or more"):
+        GenerationParams(no_repeat_ngram_size=-1)
+
+
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_banned_sequences_never_complete_and_the_rest_of_the_text_is_untouched(lively, make_engine, quantize):
     """The fact guard's mask (engine/sampling.py: BannedSequences): a banned sequence's last token

@@ -100,5 +100,7 @@ def test_with_the_guard_on_a_fact_the_product_does_not_state_stays_out_of_the_te
 def test_an_evaluation_stored_before_the_guard_was_generated_without_it(settings):
     old = {"greedy": True, "max_new_tokens": 40, "repetition_penalty": 1.0}
     assert Decoding.from_dict(old).fact_guard is False
-    settings.EVALUATION_FACT_GUARD = True
+    assert Decoding.from_dict(old).no_repeat_ngram_size == 0  # nor the repeated n-gram rule
+    settings.EVALUATION_FACT_GUARD, settings.EVALUATION_NO_REPEAT_NGRAM_SIZE = True, 5
     assert Decoding.from_settings().as_dict()["fact_guard"] is True
+    assert Decoding.from_dict(Decoding.from_settings().as_dict()).no_repeat_ngram_size == 5

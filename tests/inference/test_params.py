@@ -70,11 +70,18 @@ def test_the_serializer_engine_and_schema_default_lengths_are_the_setting(settin
 
 def test_the_native_serializer_gives_the_requests_generation_params():
     serializer = GenerateRequestSerializer(
-        data={"prompt": "Describe a scarf.", "max_new_tokens": 12, "temperature": 0.7, "top_k": 5, "stop": "\n"}
+        data={
+            "prompt": "Describe a scarf.",
+            "max_new_tokens": 12,
+            "temperature": 0.7,
+            "top_k": 5,
+            "stop": "\n",
+            "no_repeat_ngram_size": 3,
+        }
     )
     serializer.is_valid(raise_exception=True)
     assert serializer.validated_data["params"] == GenerationParams(
-        max_new_tokens=12, temperature=0.7, top_k=5, stop=("\n",)
+        max_new_tokens=12, temperature=0.7, top_k=5, stop=("\n",), no_repeat_ngram_size=3
     )
 
 
@@ -91,11 +98,12 @@ def test_the_openai_serializers_give_the_same_type_with_openais_defaults():
             "top_k": 0,
             "stop": ["a", "b"],
             "temperature": None,
+            "no_repeat_ngram_size": 0,
         }
     )
     chat.is_valid(raise_exception=True)
     assert chat.validated_data["params"] == GenerationParams(
-        max_new_tokens=9, temperature=1.0, top_p=0.01, stop=("a", "b")
+        max_new_tokens=9, temperature=1.0, top_p=0.01, stop=("a", "b"), no_repeat_ngram_size=0
     )
 
 
@@ -108,6 +116,7 @@ def test_the_openai_serializers_give_the_same_type_with_openais_defaults():
         ("top_k", -1, "top_k must be 0 (off) or more, not -1"),
         ("repetition_penalty", 0.0, "repetition_penalty must be above 0, not 0.0"),
         ("num_return_sequences", 0, "num_return_sequences must be at least 1, not 0"),
+        ("no_repeat_ngram_size", -2, "no_repeat_ngram_size must be 0 (off) or more, not -2"),
     ],
 )
 def test_parameters_the_sampler_cannot_use_are_refused_by_name(field, value, message):

@@ -67,6 +67,13 @@ class Command(BaseCommand):
             default=None,
             help="Generate with the fact guard on or off (default EVALUATION_FACT_GUARD).",
         )
+        parser.add_argument(
+            "--no-repeat-ngram-size",
+            type=int,
+            default=None,
+            metavar="N",
+            help="No token N-gram written twice in a text; 0: no such rule (default EVALUATION_NO_REPEAT_NGRAM_SIZE).",
+        )
         parser.add_argument("--json", type=Path, help="Write the metrics and outputs here.")
 
     def handle(self, *args, **options):
@@ -83,6 +90,10 @@ class Command(BaseCommand):
             decoding = dataclasses.replace(decoding, max_new_tokens=options["max_new_tokens"])
         if options["fact_guard"] is not None:
             decoding = dataclasses.replace(decoding, fact_guard=options["fact_guard"] == "on")
+        if options["no_repeat_ngram_size"] is not None:
+            if options["no_repeat_ngram_size"] < 0:
+                raise CommandError("--no-repeat-ngram-size must be 0 (off) or more")
+            decoding = dataclasses.replace(decoding, no_repeat_ngram_size=options["no_repeat_ngram_size"])
         examples, source = self._examples(options, version, limit)
 
         from tqdm import tqdm
@@ -99,6 +110,7 @@ class Command(BaseCommand):
 
         self.stdout.write(f"{version.name} on {source}, {len(examples)} examples, greedy, "
                           f"max_new_tokens={decoding.max_new_tokens}, repetition_penalty={decoding.repetition_penalty:g}, "
+                          f"no_repeat_ngram_size={decoding.no_repeat_ngram_size}, "
                           f"fact guard {'on' if decoding.fact_guard else 'off'}")  # fmt: skip
         width = max(len(metric.label) for metric in METRICS.values())
         for key, metric in METRICS.items():
