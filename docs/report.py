@@ -15,6 +15,7 @@ repository; the report quotes a few of its descriptions as examples.
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -38,6 +39,8 @@ DEFAULT_SEED = 42  # the recipe's own seed (finetuning/hyperparameters.py); the 
 SEEDS = (DEFAULT_SEED, 7, 1234)
 # The default recipe before invented_facts, as this script measured it (issue 20, item 5).
 BEFORE = ROOT / "docs" / "report" / "before.json"
+# Today's training recipe with the decoding before the repeated n-gram rule: what each change did.
+BETWEEN = ROOT / "docs" / "report" / "between.json"
 EXAMPLES_SHOWN = 4
 
 
@@ -88,14 +91,17 @@ def _scored(evaluation, role):
 
 def guarded_evaluation(version, guard, seed):
     """``version``'s evaluation on the whole validation split with the fact guard ``guard`` ("on" or
-    "off"): one it already has, else one run now (in this process: Celery runs tasks eagerly here)."""
+    "off") and otherwise today's decoding settings: one it already has, else one run now (in this
+    process: Celery runs tasks eagerly here)."""
     from finetuning.models import Evaluation
     from finetuning.scoring import Decoding
     from finetuning.services.evaluations import evaluation_start
 
+    wanted = dataclasses.replace(Decoding.from_settings(), fact_guard=guard == "on")
+
     def found():
         for evaluation in Evaluation.objects.filter(version=version, status="succeeded").order_by("-pk"):
-            if Decoding.from_dict(evaluation.decoding).fact_guard == (guard == "on"):
+            if Decoding.from_dict(evaluation.decoding) == wanted:
                 return evaluation
         return None
 
@@ -311,18 +317,22 @@ def guard_summary(results):
     return summary
 
 
-def recipe_summary(results, before):
+def recipe_summary(results, before, between=None):
     """Per metric of GUARD_METRICS: the default recipe before ``invented_facts`` (``before``,
-    docs/report/before.json: its seeds' values) and today's default (this run's versions), both
-    with the fact guard off, in the shape of guard_summary's rows ("before" and "now")."""
+    docs/report/before.json: its seeds' values), today's training recipe with the decoding before
+    the repeated n-gram rule (``between``, docs/report/between.json; left out when None) and today's
+    default (this run's versions), all with the fact guard off, in the shape of guard_summary's rows
+    ("before", "between" and "now")."""
     from finetuning.metrics import METRICS
 
     summary = {}
     for key in GUARD_METRICS:
         row = {"label": METRICS[key].label, "better": METRICS[key].better, "percent": METRICS[key].percent}
-        then = before["metrics"][key]["runs"]
-        now = [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]
-        for side, runs in (("before", then), ("now", now)):
+        sides = [("before", before["metrics"][key]["runs"])]
+        if between is not None:
+            sides.append(("between", between["metrics"][key]["runs"]))
+        sides.append(("now", [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]))
+        for side, runs in sides:
             row[side] = {
                 "runs": runs,
                 "mean": statistics.fmean(runs),
@@ -332,18 +342,25 @@ def recipe_summary(results, before):
     return summary
 
 
-def recipe_table(summary, before, seeds):
+def recipe_table(summary, before, seeds, between=None):
     from finetuning.metrics import METRICS
 
+    middle = (
+        f" `avoid`, repeats allowed ({between['generated'][:10]}, seeds {', '.join(map(str, between['seeds']))}) |"
+        if between
+        else ""
+    )
     lines = [
-        f"| metric | before: `invented_facts` learn ({before['generated'][:10]}, seeds "
-        f"{', '.join(map(str, before['seeds']))}) | now: today's default (seeds {', '.join(map(str, seeds))}) | change |",
-        "|---|---:|---:|---:|",
+        f"| metric | before: `invented_facts` learn, repeats allowed ({before['generated'][:10]}, seeds "
+        f"{', '.join(map(str, before['seeds']))}) |{middle} now: today's default (seeds "
+        f"{', '.join(map(str, seeds))}) | change, before to now |",
+        "|---|---:|---:|---:|" + ("---:|" if between else ""),
     ]
     for key, row in summary.items():
         better = f" ({METRICS[key].better} is better)" if METRICS[key].better else ""
+        shown = f" {_spread(key, row['between'])} |" if between else ""
         lines.append(
-            f"| {row['label']}{better} | {_spread(key, row['before'])} | {_spread(key, row['now'])} "
+            f"| {row['label']}{better} | {_spread(key, row['before'])} |{shown} {_spread(key, row['now'])} "
             f"| {_change(key, row['before']['mean'], row['now']['mean'])} |"
         )
     return "\n".join(lines)
@@ -651,10 +668,12 @@ def serving_values(measured):
     }
 
 
-def render(results, folder, before=None):
+def render(results, folder, before=None, between=None):
     """The report's text, and the summary (docs/report/results.json) that the slides are made
     from; the figures are written into ``folder`` on the way. ``before``: the default recipe
-    before ``invented_facts`` (default docs/report/before.json), which today's is compared with."""
+    before ``invented_facts`` (default docs/report/before.json), which today's is compared with;
+    ``between``: today's training recipe with the decoding before the repeated n-gram rule (default
+    docs/report/between.json), shown beside them."""
     import torch
     import transformers
     from django.conf import settings
@@ -670,7 +689,8 @@ def render(results, folder, before=None):
     guarding = guard_summary(results)
     guard_rows = guard_targets(guarding)
     before = before or json.loads(BEFORE.read_text())
-    recipe = recipe_summary(results, before)
+    between = between or json.loads(BETWEEN.read_text())
+    recipe = recipe_summary(results, before, between)
     recipe_rows = guard_targets(recipe, "before", "now")
     measured = costs.check_measured(json.loads((ROOT / "docs" / "measured_serving.json").read_text()))
     figures = draw_figures(results, summary, measured, folder)
@@ -705,7 +725,9 @@ def render(results, folder, before=None):
         "**Not every target is met**: see the table.",
         "gate_decision": gate.get("reason", "–"),
         "gate_activated": "passes" if gate.get("passed") else "does not pass",
-        "recipe_table": recipe_table(recipe, before, seeds),
+        "gate_passed": f"{sum(bool(run['promotion'].get('passed')) for run in results['runs'])} of the "
+        f"{len(results['runs'])}",
+        "recipe_table": recipe_table(recipe, before, seeds, between),
         "recipe_targets_table": targets_table(recipe_rows),
         "recipe_verdict": "Every line of it is met by the mean." if all(r["met"] for r in recipe_rows) else
         "**Not every line of it is met**: see the table.",
@@ -713,6 +735,8 @@ def render(results, folder, before=None):
         f"**not** the same ({before['evaluation_source']})",
         **{f"before_{key}": _spread(key, row["before"]) for key, row in recipe.items()},
         **{f"now_{key}": _spread(key, row["now"]) for key, row in recipe.items()},
+        **{f"between_{key}": _spread(key, row["between"]) for key, row in recipe.items()},
+        "no_repeat_ngram_size": str(scored["decoding"].get("no_repeat_ngram_size", 0)),
         "guard_table": guard_table(guarding, seeds),
         "guard_targets_table": targets_table(guard_rows),
         "guard_verdict": "Every line of it is met by the mean." if all(r["met"] for r in guard_rows) else
@@ -742,6 +766,7 @@ def render(results, folder, before=None):
         "metrics": summary,
         "targets": target_rows,
         "recipe_before": {"generated": before["generated"], "hyperparameters": before["hyperparameters"]},
+        "recipe_between": {"generated": between["generated"], "decoding": between["decoding"]},
         "recipe_change": recipe,
         "recipe_change_targets": recipe_rows,
         "fact_guard": guarding,

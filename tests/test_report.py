@@ -128,7 +128,10 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     }
     before["metrics"]["unsupported_claim_share"]["runs"] = [1.0, 1.0]
     before["metrics"]["rouge_l"]["runs"] = [value + 2 for value in before["metrics"]["rouge_l"]["runs"]]
-    text, facts = report.render(results, tmp_path / "report", before=before)
+    # Today's training recipe before the repeated n-gram rule: half the outputs had a claim.
+    between = {**before, "generated": "2026-12-03 15:11 UTC", "decoding": {"no_repeat_ngram_size": 0}}
+    between["metrics"] = {**before["metrics"], "unsupported_claim_share": {"runs": [0.5, 0.5]}}
+    text, facts = report.render(results, tmp_path / "report", before=before, between=between)
 
     rouge = [run["evaluation"]["metrics"]["rouge_l"] for run in results["runs"]]
     mean, sd = statistics.fmean(rouge), statistics.stdev(rouge)
@@ -147,13 +150,14 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     # The fact guard: each version with the guard off and on, and issue 20's item 5 judged on them.
     claims = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim (")]
     # After the main table: the recipe before and now, then the guard off and on.
-    assert claims[1].endswith("| 100.0% ± 0.0 | 75.0% ± 35.4 | -25.0 pts |"), claims
+    assert claims[1].endswith("| 100.0% ± 0.0 | 50.0% ± 0.0 | 75.0% ± 35.4 | -25.0 pts |"), claims
     assert "| 0.0% | 0.0% | 75.0% ± 35.4 | 0.0% ± 0.0 | -75.0 pts |" in claims[2], claims
     halves = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim at most")]
     assert "75.0% -> 0.0% | yes | 2 of 2 |" in halves[1], halves  # the recipe's comes first
     assert facts["fact_guard"]["unsupported_claim_share"]["on"]["runs"] == [0.0, 0.0]
     # Item 5 on the recipe: today's default (these versions) against the one before, guard off.
-    assert "before: `invented_facts` learn (2026-12-03, seeds 42, 7)" in text and "on the same validation" in text
+    assert "before: `invented_facts` learn, repeats allowed (2026-12-03, seeds 42, 7)" in text
+    assert "`avoid`, repeats allowed (2026-12-03, seeds 42, 7)" in text and "on the same validation" in text
     assert halves[0] == "| outputs with an unsupported claim at most half | 100.0% -> 75.0% | **no** | 1 of 2 |"
     rouge_target = next(line for line in text.splitlines() if line.startswith("| ROUGE-L at most 1 point lower"))
     assert rouge_target == "| ROUGE-L at most 1 point lower | -2.00 points | **no** | 0 of 2 |"
