@@ -317,10 +317,10 @@ def guard_summary(results):
     return summary
 
 
-def recipe_summary(results, before, between=None):
+def recipe_summary(results, before, between):
     """Per metric of GUARD_METRICS: the default recipe before ``invented_facts`` (``before``,
     docs/report/before.json: its seeds' values), today's training recipe with the decoding before
-    the repeated n-gram rule (``between``, docs/report/between.json; left out when None) and today's
+    the repeated n-gram rule (``between``, docs/report/between.json) and today's
     default (this run's versions), all with the fact guard off, in the shape of guard_summary's rows
     ("before", "between" and "now")."""
     from finetuning.metrics import METRICS
@@ -328,11 +328,12 @@ def recipe_summary(results, before, between=None):
     summary = {}
     for key in GUARD_METRICS:
         row = {"label": METRICS[key].label, "better": METRICS[key].better, "percent": METRICS[key].percent}
-        sides = [("before", before["metrics"][key]["runs"])]
-        if between is not None:
-            sides.append(("between", between["metrics"][key]["runs"]))
-        sides.append(("now", [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]))
-        for side, runs in sides:
+        now = [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]
+        for side, runs in (
+            ("before", before["metrics"][key]["runs"]),
+            ("between", between["metrics"][key]["runs"]),
+            ("now", now),
+        ):
             row[side] = {
                 "runs": runs,
                 "mean": statistics.fmean(runs),
@@ -342,26 +343,23 @@ def recipe_summary(results, before, between=None):
     return summary
 
 
-def recipe_table(summary, before, seeds, between=None):
+def recipe_table(summary, before, between, seeds):
     from finetuning.metrics import METRICS
 
-    middle = (
-        f" `avoid`, repeats allowed ({between['generated'][:10]}, seeds {', '.join(map(str, between['seeds']))}) |"
-        if between
-        else ""
-    )
+    def run(label, measured):
+        return f"{label} ({measured['generated'][:10]}, seeds {', '.join(map(str, measured['seeds']))})"
+
     lines = [
-        f"| metric | before: `invented_facts` learn, repeats allowed ({before['generated'][:10]}, seeds "
-        f"{', '.join(map(str, before['seeds']))}) |{middle} now: today's default (seeds "
-        f"{', '.join(map(str, seeds))}) | change, before to now |",
-        "|---|---:|---:|---:|" + ("---:|" if between else ""),
+        f"| metric | {run('before: `invented_facts` learn, repeats allowed', before)} "
+        f"| {run('`avoid`, repeats allowed', between)} | now: today's default (seeds {', '.join(map(str, seeds))}) "
+        "| change, before to now |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key, row in summary.items():
         better = f" ({METRICS[key].better} is better)" if METRICS[key].better else ""
-        shown = f" {_spread(key, row['between'])} |" if between else ""
         lines.append(
-            f"| {row['label']}{better} | {_spread(key, row['before'])} |{shown} {_spread(key, row['now'])} "
-            f"| {_change(key, row['before']['mean'], row['now']['mean'])} |"
+            f"| {row['label']}{better} | {_spread(key, row['before'])} | {_spread(key, row['between'])} "
+            f"| {_spread(key, row['now'])} | {_change(key, row['before']['mean'], row['now']['mean'])} |"
         )
     return "\n".join(lines)
 
@@ -727,7 +725,7 @@ def render(results, folder, before=None, between=None):
         "gate_activated": "passes" if gate.get("passed") else "does not pass",
         "gate_passed": f"{sum(bool(run['promotion'].get('passed')) for run in results['runs'])} of the "
         f"{len(results['runs'])}",
-        "recipe_table": recipe_table(recipe, before, seeds, between),
+        "recipe_table": recipe_table(recipe, before, between, seeds),
         "recipe_targets_table": targets_table(recipe_rows),
         "recipe_verdict": "Every line of it is met by the mean." if all(r["met"] for r in recipe_rows) else
         "**Not every line of it is met**: see the table.",

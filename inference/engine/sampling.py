@@ -116,7 +116,7 @@ def choose(sequence, logits, history=None):
     if banned:
         logits = banned.mask(logits, history)
     if sampling.no_repeat_ngram_size:
-        repeats = repeating(list(history), sampling.no_repeat_ngram_size)
+        repeats = repeating(history, sampling.no_repeat_ngram_size)
         if repeats:
             logits = logits.index_fill(0, torch.tensor(sorted(repeats)), float("-inf"))
     if sampling.repetition_penalty != 1.0:
