@@ -22,12 +22,14 @@ class Decoding:
     """Generation settings of an evaluation, kept with it: the same for every version it compares.
     Greedy; each version's text is generated with the GenerationParams they make (_generate). No
     defaults of their own: from_settings (EVALUATION_MAX_NEW_TOKENS, ...), or the stored evaluation's
-    (one stored before the fact guard or the repeated n-gram rule existed was generated without it)."""
+    (one stored before the fact guard, the repeated n-gram rule or the length floor existed was generated
+    without it)."""
 
     max_new_tokens: int
     repetition_penalty: float
     fact_guard: bool
     no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
 
     @classmethod
     def from_settings(cls):
@@ -36,6 +38,7 @@ class Decoding:
             repetition_penalty=settings.EVALUATION_REPETITION_PENALTY,
             fact_guard=settings.EVALUATION_FACT_GUARD,
             no_repeat_ngram_size=settings.EVALUATION_NO_REPEAT_NGRAM_SIZE,
+            min_new_tokens=settings.EVALUATION_MIN_NEW_TOKENS,
         )
 
     def as_dict(self):
@@ -45,6 +48,7 @@ class Decoding:
             "repetition_penalty": self.repetition_penalty,
             "fact_guard": self.fact_guard,
             "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "min_new_tokens": self.min_new_tokens,
         }
 
     @classmethod
@@ -54,6 +58,7 @@ class Decoding:
             repetition_penalty=data["repetition_penalty"],
             fact_guard=data.get("fact_guard", False),
             no_repeat_ngram_size=data.get("no_repeat_ngram_size", 0),
+            min_new_tokens=data.get("min_new_tokens", 0),
         )
 
 
@@ -124,6 +129,7 @@ def _generate(loaded, prompts, decoding, advance):
         repetition_penalty=decoding.repetition_penalty,
         fact_guard=decoding.fact_guard,
         no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+        min_new_tokens=decoding.min_new_tokens,
     )
     window = 2 * settings.INFERENCE_MAX_BATCH
     timeout = max(settings.GENERATE_TIMEOUT_SECONDS, 30.0 * decoding.max_new_tokens)

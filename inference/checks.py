@@ -36,6 +36,18 @@ def clients_settings_check(app_configs, **kwargs):
                     id="inference.E003",
                 )
             )
+    for name, cap in (
+        ("GENERATE_MIN_NEW_TOKENS", settings.GENERATE_DEFAULT_MAX_NEW_TOKENS),
+        ("EVALUATION_MIN_NEW_TOKENS", settings.EVALUATION_MAX_NEW_TOKENS),
+    ):
+        floor = getattr(settings, name)
+        if not 0 <= floor <= cap:
+            problems.append(
+                Error(
+                    f"{name} ({floor}) must be 0 (no length floor) up to the default length ({cap})",
+                    id="inference.E004",
+                )
+            )
     if settings.GENERATE_ALLOW_ANONYMOUS and not settings.DEBUG:
         problems.append(
             Warning(

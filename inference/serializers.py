@@ -207,6 +207,13 @@ class GenerateRequestSerializer(StrictSerializer):
         help_text="No sequence of this many tokens twice in one text (the prompt's own may be written again), so "
         "that the text does not loop on a phrase; 1 forbids any token twice; 0 turns the rule off.",
     )
+    min_new_tokens = StrictIntegerField(
+        min_value=0,
+        max_value=settings.GENERATE_MAX_NEW_TOKENS,
+        default=param_default("min_new_tokens"),
+        help_text="No end of text before this many new tokens, so that greedy text does not stop short of the "
+        "length of the shop's copy (a stop sequence still ends it); at most max_new_tokens; 0 turns it off.",
+    )
     seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=param_default("seed"))
     num_return_sequences = StrictIntegerField(
         min_value=1,
@@ -242,6 +249,11 @@ class GenerateRequestSerializer(StrictSerializer):
         if attrs["num_return_sequences"] > 1 and attrs["temperature"] == 0:
             raise serializers.ValidationError(
                 {"num_return_sequences": ["more than one sequence needs sampling: set temperature to 0.01 or more"]}
+            )
+        # The default floor may exceed a short max_new_tokens (the text then runs to it); a floor asked for may not.
+        if "min_new_tokens" in self.initial_data and attrs["min_new_tokens"] > attrs["max_new_tokens"]:
+            raise serializers.ValidationError(
+                {"min_new_tokens": [f"must be at most max_new_tokens ({attrs['max_new_tokens']})"]}
             )
         attrs["params"] = generation_params(attrs)
         return attrs

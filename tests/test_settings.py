@@ -134,3 +134,26 @@ def test_the_service_writes_no_repeated_4_token_run_by_default_and_refuses_a_neg
     )
     assert negative.returncode != 0
     assert "GENERATE_NO_REPEAT_NGRAM_SIZE (-1) must be 0 (no repeated n-gram rule) or more" in negative.stderr
+
+
+def test_the_length_floor_is_off_by_default_and_a_floor_past_the_default_length_stops_check(tmp_path):
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "from inference.engine.params import GenerationParams; from finetuning.scoring import Decoding; "
+        "print(s.GENERATE_MIN_NEW_TOKENS, GenerationParams().min_new_tokens, Decoding.from_settings().min_new_tokens)"
+    )
+    env = {"PATH": "/usr/bin:/bin", "GENAPI_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "genapi.settings.dev"}
+    served = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert served.stdout.split() == ["0", "0", "0"], served.stderr
+    for value, shown in (("-1", "-1"), ("500", "500")):
+        refused = subprocess.run(
+            [sys.executable, "manage.py", "check"],
+            cwd=REPO,
+            env={**env, "GENERATE_MIN_NEW_TOKENS": value},
+            capture_output=True,
+            text=True,
+        )
+        assert refused.returncode != 0
+        assert (
+            f"GENERATE_MIN_NEW_TOKENS ({shown}) must be 0 (no length floor) up to the default length" in refused.stderr
+        )

@@ -42,11 +42,14 @@ ATTRIBUTE_INPUTS = (
 # What each decoding control does, after its bounds (which come from the API's serializer).
 DECODING_HELP = {
     "max_new_tokens": "{min} to {max} (GENERATE_MAX_NEW_TOKENS); fewer answer sooner.",
+    "min_new_tokens": "{min} to {max}: no end of the text before this many tokens; 0 is no such rule.",
     "temperature": "{min} to {max}; 0 decodes greedily: the same text every time.",
     "top_p": "{min} to {max}: sample only from the likeliest tokens that add up to this share.",
     "repetition_penalty": "{min} to {max}; 1 is none.",
     "no_repeat_ngram_size": "{min} to {max}: no run of this many tokens twice in the text; 0 is no such rule.",
     "seed": "Blank: a random one when sampling, shown with the output.",
+    "fact_guard": "No material, technology, sport, fit or certification of the fact vocabulary that the "
+    "attributes do not state; the model writes another word instead, so read what it writes.",
 }
 
 

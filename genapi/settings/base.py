@@ -206,6 +206,9 @@ GENERATE_FACT_GUARD = env.bool("GENERATE_FACT_GUARD", default=False)
 # prompt not counted), so that greedy text does not loop on a phrase; 0 turns it off. A request's
 # `no_repeat_ngram_size` overrides it.
 GENERATE_NO_REPEAT_NGRAM_SIZE = env.int("GENERATE_NO_REPEAT_NGRAM_SIZE", default=4)
+# The length floor: no end of text before this many new tokens (a request's `min_new_tokens`
+# overrides it); 0 turns it off.
+GENERATE_MIN_NEW_TOKENS = env.int("GENERATE_MIN_NEW_TOKENS", default=0)
 GENERATE_MAX_PROMPT_CHARS = env.int("GENERATE_MAX_PROMPT_CHARS", default=4000)
 # The serving engine (inference/engine/). Sequences generated together in one batch,
 # per set of weights in a process; the queue of waiting ones (past it: 503 + Retry-After);
@@ -270,9 +273,10 @@ EVALUATION_MAX_EXAMPLES = env.int("EVALUATION_MAX_EXAMPLES", default=40)
 EVALUATION_MAX_NEW_TOKENS = env.int("EVALUATION_MAX_NEW_TOKENS", default=GENERATE_DEFAULT_MAX_NEW_TOKENS)
 EVALUATION_REPETITION_PENALTY = env.float("EVALUATION_REPETITION_PENALTY", default=1.0)
 # Evaluations score text as it is served: with the fact guard when serving has it on, and with
-# serving's repeated n-gram rule.
+# serving's repeated n-gram rule and length floor.
 EVALUATION_FACT_GUARD = env.bool("EVALUATION_FACT_GUARD", default=GENERATE_FACT_GUARD)
 EVALUATION_NO_REPEAT_NGRAM_SIZE = env.int("EVALUATION_NO_REPEAT_NGRAM_SIZE", default=GENERATE_NO_REPEAT_NGRAM_SIZE)
+EVALUATION_MIN_NEW_TOKENS = env.int("EVALUATION_MIN_NEW_TOKENS", default=GENERATE_MIN_NEW_TOKENS)
 # The promotion gate: a new version becomes active by itself only when this is on, it beats
 # the active version on the primary metric by the margin (in the metric's units: ROUGE-L
 # points), and none of the guard metrics is worse than the active version's.

@@ -33,6 +33,13 @@ def no_repeat_default():
     return settings.GENERATE_NO_REPEAT_NGRAM_SIZE
 
 
+def min_new_tokens_default():
+    """The least new tokens when nobody says: the GENERATE_MIN_NEW_TOKENS setting."""
+    from django.conf import settings
+
+    return settings.GENERATE_MIN_NEW_TOKENS
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     # The names are those of a generation log record's parameters (dataclasses.asdict): renaming one changes the log.
@@ -43,6 +50,8 @@ class GenerationParams:
     repetition_penalty: float = 1.0  # 1: none
     # No token n-gram written twice in one text (the prompt not counted); 0: no such rule.
     no_repeat_ngram_size: int = field(default_factory=no_repeat_default)
+    # No end of text before this many new tokens (the model's end-of-text tokens masked); 0: none.
+    min_new_tokens: int = field(default_factory=min_new_tokens_default)
     seed: int | None = None  # sampled without one: the engine draws one
     num_return_sequences: int = 1
     stop: tuple = ()  # stop sequences: the text ends before the first one
@@ -59,6 +68,7 @@ class GenerationParams:
             ("top_k", self.top_k >= 0, "0 (off) or more"),
             ("repetition_penalty", self.repetition_penalty > 0, "above 0"),
             ("no_repeat_ngram_size", self.no_repeat_ngram_size >= 0, "0 (off) or more"),
+            ("min_new_tokens", self.min_new_tokens >= 0, "0 (off) or more"),
             ("num_return_sequences", self.num_return_sequences >= 1, "at least 1"),
         ]
         for name, ok, wanted in problems:

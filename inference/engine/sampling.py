@@ -119,6 +119,8 @@ def choose(sequence, logits, history=None):
         repeats = repeating(history, sampling.no_repeat_ngram_size)
         if repeats:
             logits = logits.index_fill(0, torch.tensor(sorted(repeats)), float("-inf"))
+    if len(history) < sampling.min_new_tokens:
+        logits = logits.index_fill(0, sequence.generation.engine.stop_token_tensor, float("-inf"))
     if sampling.repetition_penalty != 1.0:
         seen = torch.tensor(sequence.generation.prompt_ids + history)
         score = logits.gather(0, seen)

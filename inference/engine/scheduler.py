@@ -50,6 +50,7 @@ class Engine(PrefillMixin, SpeculativeMixin, DecoderMixin):
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop_token_tensor = torch.tensor(sorted(self.stop_token_ids), dtype=torch.long)
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_tokens = min(max_tokens, decoder.max_positions)

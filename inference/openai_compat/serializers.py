@@ -153,6 +153,14 @@ class OpenAIRequestSerializer(StrictSerializer):
         help_text=f"genapi extension: no sequence of this many tokens twice in one text; 0 turns it off (default "
         f"{param_default('no_repeat_ngram_size')}; see POST /api/generate).",
     )
+    min_tokens = StrictIntegerField(
+        min_value=0,
+        max_value=settings.GENERATE_MAX_NEW_TOKENS,
+        required=False,
+        allow_null=True,
+        help_text=f"genapi extension (vLLM's name): no end of text before this many new tokens; at most max_tokens; "
+        f"0 turns it off (default {param_default('min_new_tokens')}; see min_new_tokens in POST /api/generate).",
+    )
     fact_guard = StrictBooleanField(
         required=False,
         allow_null=True,
@@ -183,6 +191,7 @@ class OpenAIRequestSerializer(StrictSerializer):
             "top_k": attrs.get("top_k") or None,
             "repetition_penalty": attrs.get("repetition_penalty"),
             "no_repeat_ngram_size": attrs.get("no_repeat_ngram_size"),
+            "min_new_tokens": attrs.get("min_tokens"),
             "seed": attrs.get("seed"),
             "num_return_sequences": attrs.get("n"),
             "stop": attrs.get("stop"),
@@ -196,6 +205,8 @@ class OpenAIRequestSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"n": [f"more than one choice needs sampling: set temperature to {MIN_SAMPLING_TEMPERATURE} or more"]}
             )
+        if attrs.get("min_tokens") is not None and params.min_new_tokens > params.max_new_tokens:
+            raise serializers.ValidationError({"min_tokens": [f"must be at most max_tokens ({params.max_new_tokens})"]})
         attrs["params"] = params
         return attrs
 

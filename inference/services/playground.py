@@ -25,7 +25,16 @@ from inference.services.generation import generation_begin, run_stream
 from inference.services.generation_log import generation_record, run_records
 
 # The decoding controls the page shows; the API's other parameters keep their defaults.
-DECODING_FIELDS = ("max_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed")
+DECODING_FIELDS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "seed",
+    "fact_guard",
+)
 REQUEST_FIELDS = ("product", *DECODING_FIELDS)
 # Validation examples offered in the page's list (a snapshot may hold thousands).
 EXAMPLES_SHOWN = 200
@@ -127,16 +136,18 @@ def decoding_controls():
     controls = []
     for name in DECODING_FIELDS:
         serializer_field = fields[name]
+        boolean = isinstance(serializer_field, serializers.BooleanField)  # a checkbox; the others are numbers
         integer = isinstance(serializer_field, serializers.IntegerField)
         controls.append(
             {
                 "name": name,
                 "label": name.replace("_", " "),
                 "default": serializer_field.default,
-                "min": serializer_field.min_value,
-                "max": serializer_field.max_value,
+                "min": None if boolean else serializer_field.min_value,
+                "max": None if boolean else serializer_field.max_value,
                 "step": 1 if integer else 0.01,
                 "integer": integer,
+                "boolean": boolean,
                 "help": str(serializer_field.help_text or ""),
             }
         )

@@ -60,8 +60,13 @@ def test_the_version_page_offers_the_panel_with_the_apis_defaults_and_limits(cur
     assert f'value="{settings.GENERATE_DEFAULT_MAX_NEW_TOKENS}"' in page
     for name in ("name", "category", "color", "brand", "audience", "price", "currency", "features", "keywords"):
         assert f'data-pg-attribute="{name}"' in page
-    for name in ("temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
+    for name in ("min_new_tokens", "temperature", "top_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
         assert f'data-pg-param="{name}"' in page
+    # The fact guard is a checkbox, set as the service's default.
+    guard = page.split('id="pg-fact_guard"')[1].split(">")[0]
+    assert 'type="checkbox"' in page.split('id="pg-fact_guard"')[0].rsplit("<input", 1)[1]
+    assert f'data-pg-default="{str(settings.GENERATE_FACT_GUARD).lower()}"' in guard
+    assert ("checked" in guard) == settings.GENERATE_FACT_GUARD
     # Inside the change form: no input of the panel is submitted with it.
     panel = page.split('id="playground"')[1].split("</script>")[0]
     assert " name=" not in panel
@@ -106,6 +111,14 @@ def test_generating_streams_the_requested_versions_answer_and_logs_it_for_the_us
     assert row.input == {"product": PRODUCT} and row.output == done["text"] and "Trail Running Shoe" in row.prompt
     assert row.parameters["max_new_tokens"] == 12 and row.completion_tokens == done["usage"]["completion_tokens"]
     assert row.finish_reason == done["finish_reason"] and row.error == ""
+
+
+def test_the_fact_guard_box_reaches_the_generation(curator, base_version):
+    body = {"product": PRODUCT, "max_new_tokens": 6, "fact_guard": True}
+    done = _events(_generate(curator, base_version, body))[-1]["done"]
+    assert Generation.objects.get(pk=done["generation_id"]).parameters["fact_guard"] is True
+    body["fact_guard"] = "yes please"
+    assert _generate(curator, base_version, body).json()["errors"]["fact_guard"] == ["Must be true or false."]
 
 
 def test_sampling_uses_the_seed_and_reports_it(curator, base_version):

@@ -130,7 +130,7 @@ def make_engine(lively):
         engine = Engine(
             decoder,
             lively.tokenizer,
-            stop_token_ids=lively.stop_ids,
+            stop_token_ids=options.pop("stop_token_ids", lively.stop_ids),
             max_batch=max_batch,
             max_queue=max_queue,
             max_tokens=1024,
@@ -718,6 +718,35 @@ def test_no_repeat_ngram_size_never_repeats_and_the_text_before_the_first_repeat
     assert answers[1][1] == answers[3][1] == free_second  # its neighbour's rule is its own
     with pytest.raises(ValueError, match="no_repeat_ngram_size must be 0 \\(off\\) or more"):
         GenerationParams(no_repeat_ngram_size=-1)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_min_new_tokens_holds_the_end_back_and_the_text_before_it_is_untouched(lively, make_engine, quantize):
+    """The length floor: no end-of-text token before min_new_tokens; up to where the text would
+    have ended it is the text without the floor; an int8 engine, alone or in a shared batch, gives
+    the fp32 engine's text, and a neighbour without the floor still ends where it would."""
+    [(_, free_ids)] = _tokens(_submit(make_engine(), lively, PROMPTS[0])).values()
+    # Engines whose end-of-text token is one that the free text writes early: their text ends there.
+    end = free_ids[5]
+    first = free_ids.index(end)
+    full = make_engine(stop_token_ids=[end])
+    quantized = make_engine(max_batch=4, quantize=quantize, stop_token_ids=[end])
+    [(short, short_ids)] = _tokens(_submit(full, lively, PROMPTS[0])).values()
+    assert short.finish_reason == "stop" and short_ids == free_ids[: first + 1]
+    floor = first + 12
+    held = GenerationParams(min_new_tokens=floor)
+    [(long, long_ids)] = _tokens(_submit(full, lively, PROMPTS[0], sampling=held)).values()
+    assert long_ids[:first] == free_ids[:first] and end not in long_ids[:floor]
+    assert len(long_ids) > floor and long.text.startswith(short.text)
+    requests = [(PROMPTS[0], {"sampling": held}), (PROMPTS[0], {})]
+    answers = [_tokens(generation)[0] for generation in _submit_together(quantized, lively, requests * 2)]
+    assert answers[0][1] == answers[2][1] == long_ids and answers[0][0].text == long.text
+    assert answers[1][1] == answers[3][1] == short_ids  # its neighbour's floor is not its own
+    # A floor past max_new_tokens: the text runs to the limit.
+    [(cut, cut_ids)] = _tokens(_submit(full, lively, PROMPTS[0], sampling=held, max_new_tokens=first + 3)).values()
+    assert cut.finish_reason == "length" and end not in cut_ids and len(cut_ids) == first + 3
+    with pytest.raises(ValueError, match="min_new_tokens must be 0 \\(off\\) or more"):
+        GenerationParams(min_new_tokens=-1)
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])

@@ -101,6 +101,9 @@ def test_an_evaluation_stored_before_the_guard_was_generated_without_it(settings
     old = {"greedy": True, "max_new_tokens": 40, "repetition_penalty": 1.0}
     assert Decoding.from_dict(old).fact_guard is False
     assert Decoding.from_dict(old).no_repeat_ngram_size == 0  # nor the repeated n-gram rule
+    assert Decoding.from_dict(old).min_new_tokens == 0  # nor the length floor
     settings.EVALUATION_FACT_GUARD, settings.EVALUATION_NO_REPEAT_NGRAM_SIZE = True, 5
+    settings.EVALUATION_MIN_NEW_TOKENS = 30
     assert Decoding.from_settings().as_dict()["fact_guard"] is True
-    assert Decoding.from_dict(Decoding.from_settings().as_dict()).no_repeat_ngram_size == 5
+    kept = Decoding.from_dict(Decoding.from_settings().as_dict())
+    assert (kept.no_repeat_ngram_size, kept.min_new_tokens) == (5, 30)

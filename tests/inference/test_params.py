@@ -77,11 +77,12 @@ def test_the_native_serializer_gives_the_requests_generation_params():
             "top_k": 5,
             "stop": "\n",
             "no_repeat_ngram_size": 3,
+            "min_new_tokens": 10,
         }
     )
     serializer.is_valid(raise_exception=True)
     assert serializer.validated_data["params"] == GenerationParams(
-        max_new_tokens=12, temperature=0.7, top_k=5, stop=("\n",), no_repeat_ngram_size=3
+        max_new_tokens=12, temperature=0.7, top_k=5, stop=("\n",), no_repeat_ngram_size=3, min_new_tokens=10
     )
 
 
@@ -99,11 +100,12 @@ def test_the_openai_serializers_give_the_same_type_with_openais_defaults():
             "stop": ["a", "b"],
             "temperature": None,
             "no_repeat_ngram_size": 0,
+            "min_tokens": 9,
         }
     )
     chat.is_valid(raise_exception=True)
     assert chat.validated_data["params"] == GenerationParams(
-        max_new_tokens=9, temperature=1.0, top_p=0.01, stop=("a", "b"), no_repeat_ngram_size=0
+        max_new_tokens=9, temperature=1.0, top_p=0.01, stop=("a", "b"), no_repeat_ngram_size=0, min_new_tokens=9
     )
 
 
@@ -117,6 +119,7 @@ def test_the_openai_serializers_give_the_same_type_with_openais_defaults():
         ("repetition_penalty", 0.0, "repetition_penalty must be above 0, not 0.0"),
         ("num_return_sequences", 0, "num_return_sequences must be at least 1, not 0"),
         ("no_repeat_ngram_size", -2, "no_repeat_ngram_size must be 0 (off) or more, not -2"),
+        ("min_new_tokens", -1, "min_new_tokens must be 0 (off) or more, not -1"),
     ],
 )
 def test_parameters_the_sampler_cannot_use_are_refused_by_name(field, value, message):

@@ -74,6 +74,13 @@ class Command(BaseCommand):
             metavar="N",
             help="No token N-gram written twice in a text; 0: no such rule (default EVALUATION_NO_REPEAT_NGRAM_SIZE).",
         )
+        parser.add_argument(
+            "--min-new-tokens",
+            type=int,
+            default=None,
+            metavar="N",
+            help="No end of text before N new tokens; 0: no floor (default EVALUATION_MIN_NEW_TOKENS).",
+        )
         parser.add_argument("--json", type=Path, help="Write the metrics and outputs here.")
 
     def handle(self, *args, **options):
@@ -94,6 +101,12 @@ class Command(BaseCommand):
             if options["no_repeat_ngram_size"] < 0:
                 raise CommandError("--no-repeat-ngram-size must be 0 (off) or more")
             decoding = dataclasses.replace(decoding, no_repeat_ngram_size=options["no_repeat_ngram_size"])
+        if options["min_new_tokens"] is not None:
+            if not 0 <= options["min_new_tokens"] <= decoding.max_new_tokens:
+                raise CommandError(
+                    f"--min-new-tokens must be 0 (no floor) up to the length ({decoding.max_new_tokens})"
+                )
+            decoding = dataclasses.replace(decoding, min_new_tokens=options["min_new_tokens"])
         examples, source = self._examples(options, version, limit)
 
         from tqdm import tqdm
@@ -110,7 +123,7 @@ class Command(BaseCommand):
 
         self.stdout.write(f"{version.name} on {source}, {len(examples)} examples, greedy, "
                           f"max_new_tokens={decoding.max_new_tokens}, repetition_penalty={decoding.repetition_penalty:g}, "
-                          f"no_repeat_ngram_size={decoding.no_repeat_ngram_size}, "
+                          f"no_repeat_ngram_size={decoding.no_repeat_ngram_size}, min_new_tokens={decoding.min_new_tokens}, "
                           f"fact guard {'on' if decoding.fact_guard else 'off'}")  # fmt: skip
         width = max(len(metric.label) for metric in METRICS.values())
         for key, metric in METRICS.items():

@@ -104,7 +104,8 @@
     const body = { product };
     panel.querySelectorAll("[data-pg-param]").forEach((input) => {
       const name = input.dataset.pgParam;
-      if (input.validity.badInput) errors[name] = ["Enter a number."];
+      if (input.type === "checkbox") body[name] = input.checked;
+      else if (input.validity.badInput) errors[name] = ["Enter a number."];
       else if (input.value.trim() !== "") body[name] = Number(input.value);
     });
     return { body, errors };
@@ -370,7 +371,8 @@
       input.value = "";
     });
     panel.querySelectorAll("[data-pg-param]").forEach((input) => {
-      input.value = input.dataset.pgDefault || "";
+      if (input.type === "checkbox") input.checked = input.dataset.pgDefault === "true";
+      else input.value = input.dataset.pgDefault || "";
     });
     if (select) select.value = "";
     reference = null;
