@@ -4,8 +4,8 @@ evaluations to the engine, whose sampler (inference/engine/sampling.py) reads it
 
 No Django and no torch at import: the engine imports this module. The default length is the
 GENERATE_DEFAULT_MAX_NEW_TOKENS setting, which the code takes from here and nowhere else
-(max_new_tokens_default; the fact guard's, GENERATE_FACT_GUARD, and the repeated n-gram rule's,
-GENERATE_NO_REPEAT_NGRAM_SIZE, likewise; inference/checks.py only checks it against the cap), when a
+(max_new_tokens_default; the fact guard's, GENERATE_FACT_GUARD, the repeated n-gram rule's,
+GENERATE_NO_REPEAT_NGRAM_SIZE, and the length floor's, GENERATE_MIN_NEW_TOKENS, likewise; inference/checks.py only checks it against the cap), when a
 GenerationParams is made without one; the request serializers' defaults, and so the OpenAPI
 schema's, are the type's (param_default)."""
 

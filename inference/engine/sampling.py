@@ -1,6 +1,6 @@
 """Token choice from a row of logits, per the GenerationParams the request came with
 (inference/engine/params.py, as the serializers made it): banned token sequences, repeated
-n-grams, repetition penalty, then greedy, or temperature with top-k and top-p and one draw from the sequence's own
+n-grams, the length floor (no end-of-text token before min_new_tokens), repetition penalty, then greedy, or temperature with top-k and top-p and one draw from the sequence's own
 generator."""
 
 import re
