@@ -211,8 +211,9 @@ class GenerateRequestSerializer(StrictSerializer):
         min_value=0,
         max_value=settings.GENERATE_MAX_NEW_TOKENS,
         default=param_default("min_new_tokens"),
-        help_text="No end of text before this many new tokens, so that greedy text does not stop short of the "
-        "length of the shop's copy (a stop sequence still ends it); at most max_new_tokens; 0 turns it off.",
+        help_text="No end of text before this many new tokens (a stop sequence still ends it); at most "
+        "max_new_tokens; 0 turns it off. Longer text is not better text: what a small model adds to reach the "
+        "length may state what the product does not.",
     )
     seed = StrictIntegerField(min_value=0, max_value=2**31 - 1, allow_null=True, default=param_default("seed"))
     num_return_sequences = StrictIntegerField(

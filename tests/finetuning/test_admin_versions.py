@@ -41,9 +41,10 @@ def trained(base_version, dataset_factory):
     return make
 
 
-def fabricated_evaluation(version, scores, *, samples=1):
+def fabricated_evaluation(version, scores, *, samples=1, decoding=None):
     """A succeeded evaluation of ``version`` with hand-made scores: ``scores`` is
-    [(role, version, metrics)]; every version's output for sample i is "<name> says i"."""
+    [(role, version, metrics)]; every version's output for sample i is "<name> says i";
+    ``decoding``: the stored settings (default: one from before the rules existed)."""
     evaluation = Evaluation.objects.create(
         version=version,
         snapshot=version.snapshot,
@@ -53,7 +54,7 @@ def fabricated_evaluation(version, scores, *, samples=1):
             {"id": i, "attributes": {"name": f"Kettle {i}", "color": "Blue"}, "reference": f"Reference text {i}."}
             for i in range(1, samples + 1)
         ],
-        decoding={"greedy": True, "max_new_tokens": 64, "repetition_penalty": 1.0},
+        decoding=decoding or {"greedy": True, "max_new_tokens": 64, "repetition_penalty": 1.0},
     )
     for role, owner, metrics in scores:
         EvaluationScore.objects.create(
@@ -126,6 +127,26 @@ def test_the_active_versions_own_evaluation_merges_its_columns_and_compares_with
     assert "this version = active" in header and "change against base" in header
     assert header.count(f">{version.name}</a>") == 1
     assert "▲ +7.50</b> better" in _row(html, "ROUGE-L F1")
+
+
+def test_the_comparison_header_says_how_the_text_was_decoded(curator, trained, base_version):
+    version = trained()
+    scores = [("candidate", version, METRICS), ("active", base_version, METRICS), ("base", base_version, METRICS)]
+
+    def header(decoding):  # the page shows the latest evaluation
+        fabricated_evaluation(version, scores, decoding=decoding)
+        html = _page(curator, reverse("admin:finetuning_modelversion_change", args=[version.pk]))
+        return " ".join(
+            html[html.index('id="comparison"') : html.index("</h2>", html.index('id="comparison"'))].split()
+        )
+
+    # Stored before the repeated n-gram rule, the length floor and the fact guard existed.
+    assert "at most 64 new tokens, repeats allowed, fact guard off" in header(None)
+    ruled = header(
+        {"greedy": True, "max_new_tokens": 160, "repetition_penalty": 1.0, "fact_guard": True,
+         "no_repeat_ngram_size": 4, "min_new_tokens": 73}
+    )  # fmt: skip
+    assert "at most 160 new tokens, no 4-token run twice, no end before 73 tokens, fact guard on" in ruled
 
 
 def test_the_gates_check_of_each_metric_is_shown_beside_it(curator, trained, base_version, settings):
