@@ -158,8 +158,8 @@ class OpenAIRequestSerializer(StrictSerializer):
         max_value=settings.GENERATE_MAX_NEW_TOKENS,
         required=False,
         allow_null=True,
-        help_text=f"genapi extension (vLLM's name): no end of text before this many new tokens; at most max_tokens; "
-        f"0 turns it off (default {param_default('min_new_tokens')}; see min_new_tokens in POST /api/generate).",
+        help_text=f"genapi extension (vLLM's name): no end of text before this many new tokens (above max_tokens, the "
+        f"text runs to that limit); 0 turns it off (default {param_default('min_new_tokens')}; see min_new_tokens in POST /api/generate).",
     )
     fact_guard = StrictBooleanField(
         required=False,
@@ -205,8 +205,6 @@ class OpenAIRequestSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"n": [f"more than one choice needs sampling: set temperature to {MIN_SAMPLING_TEMPERATURE} or more"]}
             )
-        if attrs.get("min_tokens") is not None and params.min_new_tokens > params.max_new_tokens:
-            raise serializers.ValidationError({"min_tokens": [f"must be at most max_tokens ({params.max_new_tokens})"]})
         attrs["params"] = params
         return attrs
 

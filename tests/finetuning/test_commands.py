@@ -137,7 +137,7 @@ def test_evaluate_scores_a_version_on_a_file_without_importing_it(base_version, 
         (["--version", "base", "--file", "{csv}", "--map", "name=nope"], "'nope'"),
         (["--version", "base", "--limit", "0"], "--limit must be at least 1"),
         (["--version", "base", "--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be 0"),
-        (["--version", "base", "--max-new-tokens", "8", "--min-new-tokens", "9"], "--min-new-tokens must be 0"),
+        (["--version", "base", "--min-new-tokens", "-1"], "--min-new-tokens must be 0"),
     ],
 )
 def test_evaluate_refuses_bad_input_in_one_line(base_version, held_out_csv, arguments, message):

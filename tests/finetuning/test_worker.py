@@ -126,6 +126,8 @@ def test_an_automatic_evaluation_queued_first_does_not_delay_a_training_job(
         # Cancelled while running: it stops at the next example and keeps nothing; the job's
         # own evaluation, queued meanwhile, is cancelled before it starts.
         evaluation_cancel(evaluation=evaluation)
+        # The job's own evaluation is queued just after the job's success commits.
+        assert wait_for(lambda: Evaluation.objects.filter(version__job=job).exists(), 30)
         evaluation_cancel(evaluation=Evaluation.objects.get(version__job=job))
         stopped = wait_for(lambda: _refreshed(evaluation).status in Evaluation.FINISHED, 60)
     assert stopped and evaluation.status == "cancelled", f"{evaluation.error}\n{_log(evaluation_log)}"

@@ -126,3 +126,16 @@ def test_parameters_the_sampler_cannot_use_are_refused_by_name(field, value, mes
     with pytest.raises(ValueError) as raised:
         GenerationParams(**{field: value})
     assert str(raised.value) == message
+
+
+def test_a_floor_above_the_length_is_accepted_and_the_text_runs_to_the_length():
+    # A schema cannot compare two fields, so a floor past max_new_tokens is valid: the length wins
+    # (tests/inference/test_engine.py checks the engine's side).
+    native = GenerateRequestSerializer(data={"prompt": "Describe a scarf.", "max_new_tokens": 10, "min_new_tokens": 50})
+    native.is_valid(raise_exception=True)
+    assert native.validated_data["params"] == GenerationParams(max_new_tokens=10, min_new_tokens=50)
+    chat = ChatCompletionRequestSerializer(
+        data={"model": "active", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4, "min_tokens": 9}
+    )
+    chat.is_valid(raise_exception=True)
+    assert (chat.validated_data["params"].max_new_tokens, chat.validated_data["params"].min_new_tokens) == (4, 9)

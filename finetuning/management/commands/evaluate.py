@@ -102,10 +102,8 @@ class Command(BaseCommand):
                 raise CommandError("--no-repeat-ngram-size must be 0 (off) or more")
             decoding = dataclasses.replace(decoding, no_repeat_ngram_size=options["no_repeat_ngram_size"])
         if options["min_new_tokens"] is not None:
-            if not 0 <= options["min_new_tokens"] <= decoding.max_new_tokens:
-                raise CommandError(
-                    f"--min-new-tokens must be 0 (no floor) up to the length ({decoding.max_new_tokens})"
-                )
+            if options["min_new_tokens"] < 0:
+                raise CommandError("--min-new-tokens must be 0 (no floor) or more")
             decoding = dataclasses.replace(decoding, min_new_tokens=options["min_new_tokens"])
         examples, source = self._examples(options, version, limit)
 
