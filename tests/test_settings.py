@@ -115,6 +115,13 @@ def test_the_default_length_never_exceeds_the_cap(tmp_path):
     assert "GENERATE_DEFAULT_MAX_NEW_TOKENS (100) is larger than GENERATE_MAX_NEW_TOKENS (16)" in over.stderr
 
 
+def _check(env, **overrides):
+    """``manage.py check`` with these settings in the environment."""
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"], cwd=REPO, env={**env, **overrides}, capture_output=True, text=True
+    )
+
+
 def test_the_service_writes_no_repeated_4_token_run_by_default_and_refuses_a_negative_size(tmp_path):
     code = (
         "import django; django.setup(); from django.conf import settings as s; "
@@ -125,13 +132,7 @@ def test_the_service_writes_no_repeated_4_token_run_by_default_and_refuses_a_neg
     env = {"PATH": "/usr/bin:/bin", "GENAPI_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "genapi.settings.dev"}
     served = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert served.stdout.split() == ["4", "4", "4"], served.stderr  # requests and evaluations alike
-    negative = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=REPO,
-        env={**env, "GENERATE_NO_REPEAT_NGRAM_SIZE": "-1"},
-        capture_output=True,
-        text=True,
-    )
+    negative = _check(env, GENERATE_NO_REPEAT_NGRAM_SIZE="-1")
     assert negative.returncode != 0
     assert "GENERATE_NO_REPEAT_NGRAM_SIZE (-1) must be 0 (no repeated n-gram rule) or more" in negative.stderr
 
@@ -145,15 +146,9 @@ def test_the_length_floor_is_off_by_default_and_a_floor_past_the_default_length_
     env = {"PATH": "/usr/bin:/bin", "GENAPI_VAR_DIR": str(tmp_path), "DJANGO_SETTINGS_MODULE": "genapi.settings.dev"}
     served = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert served.stdout.split() == ["0", "0", "0"], served.stderr
-    for value, shown in (("-1", "-1"), ("500", "500")):
-        refused = subprocess.run(
-            [sys.executable, "manage.py", "check"],
-            cwd=REPO,
-            env={**env, "GENERATE_MIN_NEW_TOKENS": value},
-            capture_output=True,
-            text=True,
-        )
+    for value in ("-1", "500"):
+        refused = _check(env, GENERATE_MIN_NEW_TOKENS=value)
         assert refused.returncode != 0
         assert (
-            f"GENERATE_MIN_NEW_TOKENS ({shown}) must be 0 (no length floor) up to the default length" in refused.stderr
+            f"GENERATE_MIN_NEW_TOKENS ({value}) must be 0 (no length floor) up to the default length" in refused.stderr
         )
