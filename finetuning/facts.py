@@ -15,6 +15,12 @@ mentions "shoe", "adidas'" mentions "adidas"). A mention is a mention whatever s
 leather" and "leather-free" assert leather as much as "leather upper" does for this metric,
 which counts claims, not their truth. An output makes an unsupported claim when it mentions a
 term that none of its product's attribute values mention.
+
+Numbers are facts the vocabulary cannot hold: "50% of the upper is recycled content" claims a
+share, "since the 1970s" a history. A number in a text is given when the same number (its
+digits and "%", "1,000" read as "1000") appears in an attribute value; otherwise it is invented
+(``invented_numbers``), and the recipe's ``numbers_as_facts`` treats it in training as
+``invented_facts`` treats a term. Only numbers written in digits count: "fifty percent" does not.
 """
 
 import json
@@ -76,6 +82,36 @@ def mention_spans(text, terms):
             if folded[i : i + width] == needle:
                 spans.add((found[i][0], found[i + width - 1][1]))
     return sorted(spans)
+
+
+# Digits not inside a word, and what follows them up to the end of the word.
+_NUMBER = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)(%|[^\W_]*)")
+
+
+def _numbers(text):
+    """[(start, end, number)] of the numbers ``text`` writes in digits, as compared: thousands
+    separators dropped, a decimal part and a "%" kept ("1,000" -> "1000"; "100%" is not the
+    price "100"). Digits followed by letters are a name ("4DFWD", "3D"), except a decade's "s"."""
+    found = []
+    for match in _NUMBER.finditer(text):
+        digits, after = match.groups()
+        if after in ("", "%", "s"):
+            percent = "%" if after == "%" else ""
+            number = re.sub(r",(?=\d{3}\b)", "", digits) + percent
+            found.append((match.start(), match.end(1) + len(percent), number))
+    return found
+
+
+def number_spans(text, given=""):
+    """[(start, end, number)] of the numbers written in digits in ``text`` (a "%" right after one
+    is part of it) that ``given`` (a text, such as ``attribute_text``) does not also write."""
+    known = {number for _, _, number in _numbers(given)}
+    return [span for span in _numbers(text) if span[2] not in known]
+
+
+def invented_numbers(text, attributes):
+    """The numbers ``text`` writes that no attribute value of the product writes, in text order."""
+    return [number for _, _, number in number_spans(text, attribute_text(attributes))]
 
 
 def attribute_text(attributes):

@@ -49,6 +49,11 @@ METRICS = {
     # Outputs asserting a product fact (material, technology, sport, fit, certification: the
     # vocabulary of finetuning/facts.py) that the product's attributes do not state.
     "unsupported_claim_share": Metric("outputs with an unsupported claim", "lower", percent=True, decimals=1),
+    # A number written in digits that no attribute value writes ("50% of the upper", "the 1970s"):
+    # a fact the vocabulary cannot hold (finetuning/facts.py).
+    "invented_number_share": Metric(
+        "outputs with a number the attributes do not give", "lower", percent=True, decimals=1
+    ),
 }
 
 
@@ -167,7 +172,7 @@ def _mean(values):
 def text_metrics(outputs, references, attributes, finish_reasons, fact_terms=None):
     """Every metric of generated ``outputs`` (one per example) that needs no model. Without
     ``fact_terms`` (the fact vocabulary, finetuning/facts.py) unsupported claims are not measured."""
-    from finetuning.facts import unsupported
+    from finetuning.facts import invented_numbers, unsupported
 
     count = len(outputs)
     if not count or not len(references) == len(attributes) == len(finish_reasons) == count:
@@ -194,6 +199,8 @@ def text_metrics(outputs, references, attributes, finish_reasons, fact_terms=Non
         "unsupported_claim_share": None
         if fact_terms is None
         else sum(bool(unsupported(t, a, fact_terms)) for t, a in zip(stripped, attributes, strict=True)) / count,
+        "invented_number_share": sum(bool(invented_numbers(t, a)) for t, a in zip(stripped, attributes, strict=True))
+        / count,
     }
 
 

@@ -4,7 +4,16 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
-from finetuning.facts import KINDS, features_with_facts, mention_spans, mentioned, shipped_terms, unsupported, words
+from finetuning.facts import (
+    KINDS,
+    features_with_facts,
+    invented_numbers,
+    mention_spans,
+    mentioned,
+    shipped_terms,
+    unsupported,
+    words,
+)
 from finetuning.metrics import text_metrics
 from finetuning.models import FactTerm
 from finetuning.selectors import fact_vocabulary
@@ -57,6 +66,26 @@ def test_the_share_counts_outputs_with_at_least_one_unsupported_claim():
     assert metrics["unsupported_claim_share"] == pytest.approx(1 / 3)
     # Without a vocabulary it is not measured, rather than zero.
     assert text_metrics(outputs, ["ref"] * 3, attributes, ["stop"] * 3)["unsupported_claim_share"] is None
+
+
+def test_a_number_is_invented_unless_an_attribute_writes_the_same_number():
+    tee = {"name": "Trefoil 2000 Tee", "price": "$50", "features": ["100% cotton", "1,500 stitches"]}
+    assert invented_numbers("The Trefoil 2000 Tee: 100% cotton, 1500 stitches.", tee) == []
+    # A share is not the price, and a price is not a share; a year, a count and a decimal are numbers.
+    assert invented_numbers("50% recycled, since the 1970s, 3-Stripes, 2.5 cm, $50.", tee) == [
+        "50%",
+        "1970",
+        "3",
+        "2.5",
+    ]
+    # Only digits count, and digits inside a word are part of a name ("4DFWD", "v2").
+    assert invented_numbers("Fifty percent recycled, adidas 4DFWD v2.", tee) == []
+
+
+def test_the_share_of_outputs_with_an_invented_number_is_measured_with_or_without_a_vocabulary():
+    outputs = ["A cotton tee.", "A 100% cotton tee.", "70% recycled since 1972."]
+    metrics = text_metrics(outputs, ["ref"] * 3, [{"name": "Tee"}] * 3, ["stop"] * 3)
+    assert metrics["invented_number_share"] == pytest.approx(2 / 3)
 
 
 def test_the_shipped_vocabulary_is_reviewed_product_facts_of_known_kinds():
