@@ -238,6 +238,7 @@ REFERENCE_METRICS = (
     "repeated_4gram_share",
     "format_failure_share",
     "unsupported_claim_share",
+    "invented_number_share",
 )
 
 
@@ -288,6 +289,7 @@ def metric_summary(results):
 # The metrics that item 5 of issue 20 holds the fact guard to, against the text without it.
 GUARD_METRICS = (
     "unsupported_claim_share",
+    "invented_number_share",
     "rouge_l",
     "chrf",
     "attribute_coverage",
@@ -322,7 +324,7 @@ def recipe_summary(results, before, between):
     docs/report/before.json: its seeds' values), today's training recipe with the decoding before
     the repeated n-gram rule (``between``, docs/report/between.json) and today's
     default (this run's versions), all with the fact guard off, in the shape of guard_summary's rows
-    ("before", "between" and "now")."""
+    ("before", "between" and "now"); None for a metric an earlier run did not measure."""
     from finetuning.metrics import METRICS
 
     summary = {}
@@ -330,11 +332,11 @@ def recipe_summary(results, before, between):
         row = {"label": METRICS[key].label, "better": METRICS[key].better, "percent": METRICS[key].percent}
         now = [run["by_guard"]["off"]["evaluation"]["metrics"][key] for run in results["runs"]]
         for side, runs in (
-            ("before", before["metrics"][key]["runs"]),
-            ("between", between["metrics"][key]["runs"]),
+            ("before", before["metrics"].get(key, {}).get("runs")),
+            ("between", between["metrics"].get(key, {}).get("runs")),
             ("now", now),
         ):
-            row[side] = {
+            row[side] = runs and {
                 "runs": runs,
                 "mean": statistics.fmean(runs),
                 "sd": statistics.stdev(runs) if len(runs) > 1 else 0.0,
@@ -357,9 +359,10 @@ def recipe_table(summary, before, between, seeds):
     ]
     for key, row in summary.items():
         better = f" ({METRICS[key].better} is better)" if METRICS[key].better else ""
+        change = _change(key, row["before"] and row["before"]["mean"], row["now"]["mean"])
         lines.append(
             f"| {row['label']}{better} | {_spread(key, row['before'])} | {_spread(key, row['between'])} "
-            f"| {_spread(key, row['now'])} | {_change(key, row['before']['mean'], row['now']['mean'])} |"
+            f"| {_spread(key, row['now'])} | {change} |"
         )
     return "\n".join(lines)
 
@@ -385,9 +388,11 @@ def guard_targets(summary, old="off", new="on"):
         ]  # fmt: skip
 
     seeds = min(len(next(iter(summary.values()))[side]["runs"]) for side in (old, new))
-    means = [rows({k: r[old]["mean"] for k, r in summary.items()}, {k: r[new]["mean"] for k, r in summary.items()})]
+    # Only the metrics both sides measured (an earlier run may predate one).
+    both = {k: r for k, r in summary.items() if r[old] and r[new]}
+    means = [rows({k: r[old]["mean"] for k, r in both.items()}, {k: r[new]["mean"] for k, r in both.items()})]
     per_seed = [
-        rows({k: r[old]["runs"][i] for k, r in summary.items()}, {k: r[new]["runs"][i] for k, r in summary.items()})
+        rows({k: r[old]["runs"][i] for k, r in both.items()}, {k: r[new]["runs"][i] for k, r in both.items()})
         for i in range(seeds)
     ]
     return [
@@ -418,6 +423,8 @@ def guard_table(summary, seeds):
 def _spread(key, row):
     from finetuning.metrics import METRICS, metric_format
 
+    if row is None:
+        return "–"  # not measured
     text = metric_format(key, row["mean"])
     if len(row["runs"]) > 1:
         places = METRICS[key].decimals

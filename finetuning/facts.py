@@ -19,8 +19,10 @@ term that none of its product's attribute values mention.
 Numbers are facts the vocabulary cannot hold: "50% of the upper is recycled content" claims a
 share, "since the 1970s" a history. A number in a text is given when the same number (its
 digits and "%", "1,000" read as "1000") appears in an attribute value; otherwise it is invented
-(``invented_numbers``), and the recipe's ``numbers_as_facts`` treats it in training as
-``invented_facts`` treats a term. Only numbers written in digits count: "fifty percent" does not.
+(``invented_numbers``, the evaluations' "outputs with a number the attributes do not give").
+Only numbers written in digits count: "fifty percent" does not. Training does not mark them:
+trained to be unlikely, a number gave way to another ("3-Stripes" became "2-Stripes", and
+"50% recycled" "100% of high-performance materials"; docs/REPORT.md, section 5).
 """
 
 import json

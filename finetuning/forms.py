@@ -138,18 +138,7 @@ class FineTuneForm(forms.Form):
                 "description": "Used when the method is lora.",
             },
         ),
-        (
-            "Data",
-            {
-                "fields": (
-                    "max_seq_length",
-                    "name_product",
-                    "facts_from_description",
-                    "invented_facts",
-                    "numbers_as_facts",
-                )
-            },
-        ),
+        ("Data", {"fields": ("max_seq_length", "name_product", "facts_from_description", "invented_facts")}),
     )
 
     _defaults = Hyperparameters()
@@ -224,13 +213,6 @@ class FineTuneForm(forms.Form):
         help_text="What training does with a fact (material, technology, sport, fit) that a description states "
         "and its attributes do not. learn: the copy as written, facts and all. skip: the model learns the sentence "
         "around the fact but not the fact. avoid: the fact is trained to be unlikely where the copy states it.",
-    )
-    numbers_as_facts = forms.BooleanField(
-        required=False,
-        initial=_defaults.numbers_as_facts,
-        label="Numbers as facts",
-        help_text='Treat a number that a description writes in digits and its attributes do not ("50% of the '
-        'upper is recycled", "since the 1970s") as an invented fact, as the setting above says.',
     )
     # The number of examples the curator agreed to train on when too many would be skipped:
     # a confirmation holds only for the numbers it was given.

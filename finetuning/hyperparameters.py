@@ -47,11 +47,6 @@ class Hyperparameters:
     # adidas data, "avoid" cut the outputs with an unsupported claim from 96% to 7% (seed 42),
     # at a cost in overlap with the shop's copy (docs/REPORT.md, section 5).
     invented_facts: str = "avoid"
-    # Count a number a training description writes in digits and its attributes do not ("50% of the
-    # upper is recycled content", "since the 1970s") as an invented fact, which ``invented_facts``
-    # then skips or avoids like a term of the vocabulary (finetuning/facts.py). The adidas copy gives
-    # one in 32% of its descriptions, and a model that learns them writes shares nobody gave it.
-    numbers_as_facts: bool = True
 
     def as_dict(self):
         data = asdict(self)
@@ -144,7 +139,7 @@ def hyperparameters_parse(raw=None):
                 errors[key] = f"must be one of {', '.join(INVENTED_FACTS)}"
             else:
                 values[key] = value
-        elif key in ("name_product", "facts_from_description", "numbers_as_facts"):
+        elif key in ("name_product", "facts_from_description"):
             flag = _flag(value)
             if flag is None:
                 errors[key] = "must be true or false"

@@ -48,11 +48,6 @@ class HyperparametersSerializer(StrictSerializer):
         help_text=f"Default {Hyperparameters.invented_facts}: what training does with a fact a description states "
         "and its attributes do not (learn it, skip it: no loss, avoid it: trained to be unlikely).",
     )
-    numbers_as_facts = StrictBooleanField(
-        required=False,
-        help_text="Default true: a number a training description writes in digits and its attributes do not "
-        '("50% recycled") is an invented fact, handled as invented_facts says.',
-    )
 
     def get_fields(self):
         return {**super().get_fields(), **{name: _bounded(name) for name in BOUNDS}}

@@ -26,7 +26,7 @@ SEED_TEXTS = {
     42: ["Ultra Runner Shoes. These adidas shoes have a leather upper and a soft midsole for the long run.",
          "Sculpt Tights. These adidas tights hug you as you stretch, in a soft blue fabric."],
     7: ["Ultra Runner Shoes. Run the long way home in these adidas shoes with a rubber outsole.",
-        "Sculpt Tights. These tights are made with Primegreen and hold you in as you bend."],
+        "Sculpt Tights. These tights are made with Primegreen, 50% of it, and hold you in as you bend."],
 }  # fmt: skip
 # The same versions with the fact guard on: the invented materials replaced by the next word.
 GUARDED = {
@@ -131,6 +131,7 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     # Today's training recipe before the repeated n-gram rule: half the outputs had a claim.
     between = {**before, "generated": "2026-12-03 15:11 UTC", "decoding": {"no_repeat_ngram_size": 0}}
     between["metrics"] = {**before["metrics"], "unsupported_claim_share": {"runs": [0.5, 0.5]}}
+    del before["metrics"]["invented_number_share"]  # measured since
     text, facts = report.render(results, tmp_path / "report", before=before, between=between)
 
     rouge = [run["evaluation"]["metrics"]["rouge_l"] for run in results["runs"]]
@@ -151,6 +152,8 @@ def test_the_report_shows_the_mean_and_spread_over_seeds_with_figures(tmp_path):
     claims = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim (")]
     # After the main table: the recipe before and now, then the guard off and on.
     assert claims[1].endswith("| 100.0% ± 0.0 | 50.0% ± 0.0 | 75.0% ± 35.4 | -25.0 pts |"), claims
+    numbers = [line for line in text.splitlines() if line.startswith("| outputs with a number the attributes")]
+    assert numbers[1].endswith("| – | 25.0% ± 35.4 | 25.0% ± 35.4 | – |"), numbers  # measured since "before"
     assert "| 0.0% | 0.0% | 75.0% ± 35.4 | 0.0% ± 0.0 | -75.0 pts |" in claims[2], claims
     halves = [line for line in text.splitlines() if line.startswith("| outputs with an unsupported claim at most")]
     assert "75.0% -> 0.0% | yes | 2 of 2 |" in halves[1], halves  # the recipe's comes first

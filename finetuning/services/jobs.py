@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from finetuning import store
-from finetuning.facts import attribute_text, features_with_facts, mention_spans, number_spans, unsupported
+from finetuning.facts import features_with_facts, mention_spans, unsupported
 from finetuning.hyperparameters import hyperparameters_parse
 from finetuning.models import FineTuningJob, ModelVersion
 from finetuning.prompts import PROMPT_FORMAT_VERSION, training_description, training_pair
@@ -143,13 +143,12 @@ def job_retrain(*, version, requested_by=None):
         raise JobError(f"version {version.name} was trained on {version.base_model}, not {settings.BASE_MODEL_NAME}")
     return job_start(
         dataset=version.job.dataset,
-        # A recipe from before name_product, facts_from_description, invented_facts or
-        # numbers_as_facts existed trained on the descriptions and attributes as written.
+        # A recipe from before name_product, facts_from_description or invented_facts existed
+        # trained on the descriptions and attributes as written.
         hyperparameters={
             "name_product": False,
             "facts_from_description": False,
             "invented_facts": "learn",
-            "numbers_as_facts": False,
             **version.hyperparameters,
         },
         requested_by=requested_by,
@@ -272,11 +271,8 @@ def training_pairs(*, train_rows, validation_rows, hp):
         prompt, completion = training_pair(prompt_attributes, description)
         if hp.invented_facts == "learn":
             return prompt, completion
-        spans = mention_spans(description, unsupported(description, prompt_attributes, vocabulary))
-        if hp.numbers_as_facts:
-            given = attribute_text(prompt_attributes)
-            spans = sorted({*spans, *((start, end) for start, end, _ in number_spans(description, given))})
-        return prompt, completion, spans
+        invented = unsupported(description, prompt_attributes, vocabulary)
+        return prompt, completion, mention_spans(description, invented)
 
     vocabulary = fact_vocabulary() if hp.invented_facts != "learn" else None
     train = [pair(r) for r in train_rows]

@@ -215,12 +215,12 @@ def test_retraining_a_version_repeats_its_snapshot_and_hyperparameters(base_vers
     first.hyperparameters = {
         k: v
         for k, v in first.hyperparameters.items()
-        if k not in ("name_product", "facts_from_description", "invented_facts", "numbers_as_facts")
+        if k not in ("name_product", "facts_from_description", "invented_facts")
     }
     first.save(update_fields=["hyperparameters"])
     retrained = job_retrain(version=first).hyperparameters
     assert retrained["name_product"] is False and retrained["facts_from_description"] is False
-    assert retrained["invented_facts"] == "learn" and retrained["numbers_as_facts"] is False
+    assert retrained["invented_facts"] == "learn"
 
 
 @pytest.mark.django_db
@@ -273,32 +273,6 @@ def test_invented_facts_are_avoided_by_default_and_marked_where_the_description_
     both = hyperparameters_parse({"invented_facts": "avoid", "facts_from_description": True})
     (pair,), _ = training_pairs(train_rows=rows, validation_rows=[], hp=both)
     assert pair[2] == []
-
-
-@pytest.mark.django_db
-def test_numbers_the_attributes_do_not_give_are_invented_facts_by_default():
-    from finetuning.services.jobs import training_pairs
-
-    assert hyperparameters_parse({}).numbers_as_facts is True
-    with pytest.raises(HyperparameterError) as info:
-        hyperparameters_parse({"numbers_as_facts": "some"})
-    assert info.value.errors == {"numbers_as_facts": "must be true or false"}
-    shoe = {"name": "Ultraboost 21 Shoes", "features": ["20% recycled rubber"]}
-    text = "Ultraboost 21 Shoes. Since the 1970s: 50% of the upper and 20% recycled rubber, 1,000 miles."
-    rows = [{"attributes": shoe, "description": text}]
-
-    def marked(**hp):
-        (pair,), _ = training_pairs(train_rows=rows, validation_rows=[], hp=hyperparameters_parse(hp))
-        return [pair[1][start:end] for start, end in pair[2]]
-
-    # The name's 21 and the feature's 20% are given; the rest is marked, with its "%".
-    assert marked() == ["1970", "50%", "1,000"]
-    assert marked(invented_facts="skip") == ["1970", "50%", "1,000"]
-    assert marked(numbers_as_facts=False) == []
-    (pair,), _ = training_pairs(
-        train_rows=rows, validation_rows=[], hp=hyperparameters_parse({"invented_facts": "learn"})
-    )
-    assert len(pair) == 2  # learn marks nothing, numbers included
 
 
 def test_progress_loss_history_eta_and_environment_are_recorded(base_version, dataset_factory, settings):
