@@ -21,8 +21,8 @@ share, "since the 1970s" a history. A number in a text is given when the same nu
 digits and "%", "1,000" read as "1000") appears in an attribute value; otherwise it is invented
 (``invented_numbers``, the evaluations' "outputs with a number the attributes do not give").
 Only numbers written in digits count: "fifty percent" does not. Training does not mark them:
-trained to be unlikely, a number gave way to another ("3-Stripes" became "2-Stripes", and
-"50% recycled" "100% of high-performance materials"; docs/REPORT.md, section 5).
+trained to be unlikely, a number mostly gave way to another, not to none (docs/REPORT.md,
+section 5).
 """
 
 import json
