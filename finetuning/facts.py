@@ -91,29 +91,20 @@ _NUMBER = re.compile(r"(?<![\w.])(\d+(?:[.,]\d+)*)(%|[^\W_]*)")
 
 
 def _numbers(text):
-    """[(start, end, number)] of the numbers ``text`` writes in digits, as compared: thousands
-    separators dropped, a decimal part and a "%" kept ("1,000" -> "1000"; "100%" is not the
-    price "100"). Digits followed by letters are a name ("4DFWD", "3D"), except a decade's "s"."""
-    found = []
-    for match in _NUMBER.finditer(text):
-        digits, after = match.groups()
-        if after in ("", "%", "s"):
-            percent = "%" if after == "%" else ""
-            number = re.sub(r",(?=\d{3}\b)", "", digits) + percent
-            found.append((match.start(), match.end(1) + len(percent), number))
-    return found
-
-
-def number_spans(text, given=""):
-    """[(start, end, number)] of the numbers written in digits in ``text`` (a "%" right after one
-    is part of it) that ``given`` (a text, such as ``attribute_text``) does not also write."""
-    known = {number for _, _, number in _numbers(given)}
-    return [span for span in _numbers(text) if span[2] not in known]
+    """The numbers ``text`` writes in digits, as compared: thousands separators dropped, a decimal
+    part and a "%" kept ("1,000" -> "1000"; "100%" is not the price "100"). Digits followed by
+    letters are a name ("4DFWD", "3D"), except a decade's "s"."""
+    return [
+        re.sub(r",(?=\d{3}\b)", "", digits) + (after if after == "%" else "")
+        for digits, after in _NUMBER.findall(text)
+        if after in ("", "%", "s")
+    ]
 
 
 def invented_numbers(text, attributes):
     """The numbers ``text`` writes that no attribute value of the product writes, in text order."""
-    return [number for _, _, number in number_spans(text, attribute_text(attributes))]
+    given = set(_numbers(attribute_text(attributes)))
+    return [number for number in _numbers(text) if number not in given]
 
 
 def attribute_text(attributes):
