@@ -31,6 +31,7 @@ SHOWN_METRICS = (
     "length_ratio",
     "repeated_4gram_share",
     "unsupported_claim_share",
+    "invented_number_share",
     "perplexity",
 )
 EXAMPLE_WORDS = 60  # longer outputs are cut on the slide (the report has them whole)
